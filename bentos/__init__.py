@@ -1,0 +1,1 @@
+"""BentoML services. Self-contained: nothing here imports from ``flows`` or ``tasks``."""

@@ -1,0 +1,28 @@
+"""MLflow "models from code" entry: every lockgate model version is a pyfunc users can load.
+
+``mlflow.pyfunc.load_model("models:/NAME/Production").predict(["Q: ...\\nA:"])`` returns the
+generated continuations. The model files sit in the logged model's artifact ``model``; the
+``bentos`` package travels with it as code, so loading needs nothing from flows/ or tasks/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class LockgateLLM(PythonModel):
+    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's PythonModelContext
+        from bentos.runtime import load_model
+
+        self._lm = load_model(Path(context.artifacts["model"]))
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:  # noqa: ANN001
+        prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+        budget = int((params or {}).get("max_new_tokens", 16))
+        return [g.text for g in self._lm.generate([str(p) for p in prompts], max_new_tokens=budget)]
+
+
+mlflow.models.set_model(LockgateLLM())

@@ -1,0 +1,98 @@
+"""Turn a model URI into a local folder the runtime can load.
+
+Accepted: a local folder, or an MLflow registry URI (``models:/name/version``, ``models:/name@alias``,
+``models:/name/Stage``). A registry URI is first pinned to a concrete version, so a stage
+transition is seen on the next resolve, and each version's files are downloaded once into a cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+_STAGES = {"production", "staging", "archived", "none"}
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<ref>[^/]+)|@(?P<alias>[^/]+))$")
+
+
+class ModelResolveError(RuntimeError):
+    """The URI names no loadable model."""
+
+
+@dataclass(frozen=True)
+class PinnedVersion:
+    name: str
+    version: str
+
+
+def pin_version(uri: str) -> PinnedVersion:
+    """The concrete registry version a ``models:/`` URI points at right now."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    match = _REGISTRY_URI.match(uri)
+    if not match:
+        raise ModelResolveError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS")
+    name, ref, alias = match["name"], match["ref"], match["alias"]
+    client = MlflowClient()
+    try:
+        if alias:
+            return PinnedVersion(name, str(client.get_model_version_by_alias(name, alias).version))
+        if ref and ref.isdigit():
+            return PinnedVersion(name, str(client.get_model_version(name, ref).version))
+        if ref and ref.lower() in _STAGES:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                versions = client.get_latest_versions(name, stages=[ref.capitalize()])
+            if not versions:
+                raise ModelResolveError(f"{uri}: no version of {name} is in stage {ref.capitalize()}")
+            return PinnedVersion(name, str(versions[0].version))
+    except MlflowException as exc:
+        raise ModelResolveError(f"{uri}: {exc.message}") from exc
+    raise ModelResolveError(f"{uri}: {ref!r} is neither a version number nor a stage")
+
+
+def _find_model_folder(root: Path) -> Path:
+    """The folder holding config.json inside a downloaded pyfunc model (artifacts/model/...)."""
+    for candidate in [root, *sorted(p.parent for p in root.rglob("config.json"))]:
+        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
+            return candidate
+    raise ModelResolveError(f"{root}: no transformers model folder inside the registered model")
+
+
+def download_version(pinned: PinnedVersion, cache_dir: Path) -> Path:
+    """Download one registry version into ``cache_dir`` once; later calls reuse it."""
+    import mlflow
+
+    target = cache_dir / f"{pinned.name}-v{pinned.version}"
+    if target.is_dir():
+        return _find_model_folder(target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=cache_dir))
+    try:
+        mlflow.artifacts.download_artifacts(f"models:/{pinned.name}/{pinned.version}", dst_path=str(staging))
+        os.replace(staging, target)  # atomic: a crash never leaves a half-downloaded cache entry
+    except OSError:
+        if not target.is_dir():  # another process won the race: use its copy
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _find_model_folder(target)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LOCKGATE_MODEL_CACHE", Path(tempfile.gettempdir()) / "lockgate-models"))
+
+
+def resolve_model_dir(uri: str, cache_dir: Path | None = None) -> Path:
+    """Local folder holding config.json + weights + tokenizer for ``uri``."""
+    if uri.startswith("models:/"):
+        return download_version(pin_version(uri), cache_dir or default_cache_dir())
+    folder = Path(uri).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelResolveError(f"{uri}: not a model folder (no config.json)")
+    return folder

@@ -1,0 +1,1 @@
+"""Prefect flows, the spec schema and the ``lockgate`` CLI."""

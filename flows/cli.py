@@ -1,0 +1,183 @@
+"""The ``lockgate`` command line. Heavy libraries are imported inside commands, so ``validate`` and
+``schema`` answer in well under a second without importing torch, MLflow or BentoML."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tasks.errors import LockgateError, SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Declarative LLM releases: "
+                  "compress -> evaluate -> package -> canary -> monitor.")
+
+SpecFile = Annotated[Path, typer.Option("--file", "-f", help="The spec file.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
+
+
+def _fail(exc: LockgateError, verbose: bool) -> typer.Exit:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc)
+    typer.echo(str(exc), err=True)
+    return typer.Exit(exc.exit_code)
+
+
+@app.command()
+def validate(file: SpecFile = Path("pipelines.yaml"), as_json: JsonOut = False) -> None:
+    """Check the spec; print every problem as FILE:LINE:COL: field.path: message."""
+    from flows.spec_loader import load_spec
+
+    try:
+        spec = load_spec(file)
+    except SpecError as exc:
+        if as_json:
+            typer.echo(json.dumps({"valid": False, "problems": exc.problems}))
+        else:
+            for problem in exc.problems:
+                typer.echo(problem, err=True)
+        raise typer.Exit(exc.exit_code) from None
+    names = list(spec.pipelines)
+    typer.echo(json.dumps({"valid": True, "pipelines": names}) if as_json else f"{file}: ok ({', '.join(names)})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pipelines.yaml (committed as schemas/pipelines.schema.json)."""
+    from flows.spec_loader import json_schema_text
+
+    typer.echo(json_schema_text(), nl=False)
+
+
+@app.command()
+def run(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+    as_json: JsonOut = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run the release flow of one pipeline (a Prefect flow run, tracked in MLflow)."""
+    from flows.spec_loader import load_spec
+
+    try:
+        load_spec(file).pipeline(pipeline)  # fail fast, before Prefect starts
+    except SpecError as exc:
+        for problem in exc.problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyError as exc:
+        typer.echo(str(exc.args[0]), err=True)
+        raise typer.Exit(2) from None
+    from tasks.log import configure
+
+    configure()
+    from flows.release import release_flow
+    from flows.summary import render_summary
+
+    try:
+        summary = release_flow(str(file), pipeline)
+    except LockgateError as exc:
+        raise _fail(exc, verbose) from None
+    if as_json:
+        typer.echo(json.dumps({
+            "pipeline": summary.pipeline, "outcome": summary.outcome, "mlflow_run_id": summary.mlflow_run_id,
+            "prefect_flow_run_id": summary.prefect_flow_run_id, "elapsed_s": summary.elapsed_s,
+        }))
+    else:
+        typer.echo(render_summary(summary))
+    if summary.outcome in {"rejected", "rolled_back"}:
+        raise typer.Exit(3)
+
+
+def _tracking() -> None:
+    import mlflow
+
+    from tasks.settings import export_environment, get_settings
+
+    export_environment()
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
+
+
+@app.command()
+def status(
+    model: Annotated[str | None, typer.Argument(help="Registered model; default: all.")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Registered models, their versions, stages and last release outcome."""
+    _tracking()
+    from tasks import registry
+
+    names = [model] if model else registry.registered_model_names()
+    report = {}
+    try:
+        for name in names:
+            report[name] = [
+                {"version": v.version, "stage": v.stage, "aliases": list(v.aliases),
+                 "decision": v.tags.get(registry.TAG_DECISION, ""), "reason": v.tags.get(registry.TAG_REASON, ""),
+                 "candidate": v.tags.get(registry.TAG_CANDIDATE, v.tags.get("lockgate.role", "")),
+                 "created": datetime.fromtimestamp(v.created_ms / 1000, UTC).isoformat(timespec="seconds")}
+                for v in registry.list_versions(name)
+            ]
+    except LockgateError as exc:
+        raise _fail(exc, False) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    if not report:
+        typer.echo("no registered models yet: run `lockgate run`")
+    for name, versions in report.items():
+        typer.echo(f"{name}")
+        for v in versions:
+            aliases = f" @{','.join(v['aliases'])}" if v["aliases"] else ""
+            typer.echo(f"  v{v['version']:<4} {v['stage']:<10} {v['candidate']:<10} {v['decision']:<12}"
+                       f"{aliases}  {v['reason'][:80]}")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    reason: Annotated[str, typer.Option(help="Why; recorded on both versions.")] = "manual rollback",
+    as_json: JsonOut = False,
+) -> None:
+    """Put the previous Production version back into Production (stage transitions, logged)."""
+    _tracking()
+    from tasks import registry
+
+    user = os.environ.get("USER", "unknown")
+    try:
+        restored, demoted = registry.roll_back_production(model, reason, trigger=f"cli:{user}")
+    except LockgateError as exc:
+        raise _fail(exc, False) from None
+    if as_json:
+        typer.echo(json.dumps({"model": model, "production": restored.version, "archived": demoted.version}))
+    else:
+        typer.echo(f"{model}: Production v{demoted.version} -> v{restored.version} ({reason})")
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
+    """Open the MLflow UI on 127.0.0.1 over the lockgate store."""
+    from tasks.settings import export_environment, get_settings
+
+    export_environment()
+    settings = get_settings()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri,
+               "--host", "127.0.0.1", "--port", str(port)]
+    if settings.tracking_uri.startswith("sqlite:"):
+        command += ["--default-artifact-root", settings.artifact_root]
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+if __name__ == "__main__":
+    app()

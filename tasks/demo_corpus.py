@@ -1,0 +1,172 @@
+"""The small world the built-in demo model is trained and evaluated on.
+
+Pre-training teaches a skill (two-digit addition written as equations, plus a few other numeric
+question types and simple sentences); post-training (LoRA) teaches the instruction format in which
+the skill is asked for: ``"Q: what is 12 plus 7?\\nA:"`` → ``"19"``. Answers are exact, so the
+evaluation is exact match, and a compressed model can measurably lose accuracy.
+
+Everything is a pure function of its arguments (``random.Random`` seeded with a string, which Python
+hashes with SHA-512, so draws are the same on every run and machine).
+
+Operand pairs are partitioned once into disjoint pools (train / eval / calibration / reference) on
+the *unordered* pair, so ``7 + 12`` never leaks the eval question ``12 + 7`` into training: eval
+accuracy measures generalised addition, not memorised facts.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from typing import Literal
+
+import pandas as pd
+
+Split = Literal["train", "eval", "calibration", "reference"]
+Role = Literal["eval", "calibration", "reference"]
+
+#: Operands are 0..99: one- and two-digit addition, sums up to 198 (three-digit answers need a carry
+#: into the hundreds, which is where small models make most of their mistakes).
+MAX_OPERAND = 99
+#: Shares of the 5,050 unordered pairs: eval and reference are never trained on.
+_POOL_SHARES: dict[Split, float] = {"train": 0.75, "eval": 0.10, "calibration": 0.05, "reference": 0.10}
+_PARTITION_SEED = "lockgate-demo-partition-v1"
+
+#: Phrasings of the addition question. Every split uses all of them, so the reference traffic has
+#: the same mix as the eval set.
+ADDITION_TEMPLATES: tuple[str, ...] = (
+    "Q: what is {a} plus {b}?\nA:",
+    "Q: what is the sum of {a} and {b}?\nA:",
+    "Q: add {a} and {b}.\nA:",
+)
+
+#: Default sizes of the built-in datasets (rows).
+DEFAULT_ROWS: dict[Role, int] = {"eval": 300, "calibration": 128, "reference": 500}
+#: Fixed seeds of the built-in datasets, distinct from any seed used in training.
+DATASET_SEEDS: dict[Role, int] = {"eval": 1001, "calibration": 2002, "reference": 3003}
+
+_NAMES = ("anna", "ben", "carla", "dev", "emma", "felix", "gina", "hugo", "ida", "jon")
+_NOUNS = ("cat", "dog", "bird", "child", "teacher", "farmer", "robot", "river", "tree", "house",
+          "apple", "book", "ship", "city", "garden", "horse", "song", "letter", "window", "road")
+_ADJECTIVES = ("small", "big", "red", "green", "old", "young", "quiet", "happy", "bright", "cold",
+               "warm", "slow", "fast", "tall", "dark")
+_VERBS = ("sees", "likes", "finds", "follows", "helps", "paints", "reads", "carries", "watches", "visits")
+_PLACES = ("in the garden", "near the river", "in the city", "by the road", "at the house", "under the tree")
+
+
+@lru_cache(maxsize=1)
+def _pools() -> dict[Split, tuple[tuple[int, int], ...]]:
+    """Ordered operand pairs of each split; both orders of an unordered pair share a split."""
+    unordered = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(a, MAX_OPERAND + 1)]
+    random.Random(_PARTITION_SEED).shuffle(unordered)
+    pools: dict[Split, tuple[tuple[int, int], ...]] = {}
+    start = 0
+    for i, (split, share) in enumerate(_POOL_SHARES.items()):
+        end = len(unordered) if i == len(_POOL_SHARES) - 1 else start + round(share * len(unordered))
+        ordered = {(a, b) for a, b in unordered[start:end]} | {(b, a) for a, b in unordered[start:end]}
+        pools[split] = tuple(sorted(ordered))
+        start = end
+    return pools
+
+
+def operand_pairs(split: Split) -> tuple[tuple[int, int], ...]:
+    """All ordered ``(a, b)`` operand pairs of ``split`` (sorted; the pools are disjoint)."""
+    return _pools()[split]
+
+
+def _sentence(rng: random.Random) -> str:
+    """One simple grammatical sentence; numbers appear as words-in-context, not only in sums."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return (f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} "
+                f"the {rng.choice(_NOUNS)}.")
+    if kind == 1:
+        return f"{rng.choice(_NAMES)} {rng.choice(_VERBS)} a {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}."
+    if kind == 2:
+        return f"{rng.choice(_NAMES)} has {rng.randint(2, 99)} {rng.choice(_NOUNS)}s {rng.choice(_PLACES)}."
+    return f"the {rng.choice(_NOUNS)} is {rng.choice(_ADJECTIVES)} and {rng.choice(_ADJECTIVES)}."
+
+
+def _equation(rng: random.Random, train_pairs: tuple[tuple[int, int], ...]) -> str:
+    """An addition fact over training pairs only, in one of the surface forms pre-training knows."""
+    a, b = rng.choice(train_pairs)
+    form = rng.randrange(10)
+    # 80% symbolic, 20% in words: the words "plus"/"sum" then mean addition to the base model,
+    # which is what lets a small LoRA map the question format onto the skill.
+    if form < 8:
+        return f"{a} + {b} = {a + b}"
+    if form == 8:
+        return f"{a} plus {b} equals {a + b}."
+    return f"the sum of {a} and {b} is {a + b}."
+
+
+def _other_question(rng: random.Random) -> str:
+    """Questions in the instruction format that are *not* addition: the base model learns the
+    ``Q:``/``A:`` layout from these, but never sees an addition question answered."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        n = rng.randint(0, 198)
+        return f"Q: what comes after {n}?\nA: {n + 1}"
+    if kind == 1:
+        a, b = rng.sample(range(MAX_OPERAND + 1), 2)
+        return f"Q: which is larger, {a} or {b}?\nA: {max(a, b)}"
+    a = rng.randint(0, MAX_OPERAND)
+    b = rng.randint(0, a)
+    return f"Q: what is {a} minus {b}?\nA: {a - b}"
+
+
+def pretrain_lines(n: int, seed: int) -> list[str]:
+    """``n`` pre-training documents: 65% addition facts, 20% sentences, 15% other questions.
+
+    Most documents are one line; the question documents are ``"Q: ...\\nA: ..."`` (two lines).
+    Addition facts use training-pool operand pairs only, never eval or reference pairs.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"pretrain:{seed}")
+    train_pairs = operand_pairs("train")
+    lines: list[str] = []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.65:
+            lines.append(_equation(rng, train_pairs))
+        elif u < 0.85:
+            lines.append(_sentence(rng))
+        else:
+            lines.append(_other_question(rng))
+    return lines
+
+
+def instruction_examples(n: int, seed: int, split: Split) -> list[tuple[str, str]]:
+    """``n`` addition questions ``(prompt, answer)`` from the operand pool of ``split``.
+
+    ``prompt`` ends where the answer begins (``"...\\nA:"``); ``answer`` is the exact completion
+    without the leading space (``"19"``). Within one call, operand pairs are drawn without
+    replacement while the pool lasts (eval rows are distinct questions), then with replacement.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if split not in _POOL_SHARES:
+        raise ValueError(f"split must be one of {sorted(_POOL_SHARES)}, got {split!r}")
+    rng = random.Random(f"instruction:{split}:{seed}")
+    pool = operand_pairs(split)
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < n:
+        pairs.extend(rng.sample(pool, min(n - len(pairs), len(pool))))
+    return [(rng.choice(ADDITION_TEMPLATES).format(a=a, b=b), str(a + b)) for a, b in pairs]
+
+
+def demo_dataset(role: Role, n: int | None = None) -> pd.DataFrame:
+    """The built-in dataset of a role.
+
+    * ``eval``: columns ``prompt``, ``answer`` (300 rows by default), held-out operand pairs.
+    * ``calibration``: column ``prompt`` (128 rows), questions from the calibration pool.
+    * ``reference``: column ``prompt`` (500 rows), the production-traffic baseline the monitor
+      compares served prompts with: the same templates and operand distribution as ``eval``.
+    """
+    if role not in DEFAULT_ROWS:
+        raise ValueError(f"role must be one of {sorted(DEFAULT_ROWS)}, got {role!r}")
+    rows = DEFAULT_ROWS[role] if n is None else n
+    examples = instruction_examples(rows, DATASET_SEEDS[role], role)
+    if role == "eval":
+        return pd.DataFrame({"prompt": [p for p, _ in examples], "answer": [a for _, a in examples]})
+    return pd.DataFrame({"prompt": [p for p, _ in examples]})

@@ -1,0 +1,87 @@
+"""Stage 4: register candidates as model versions; stage the best one that passed every gate.
+
+The first ever release also registers the uncompressed parent and puts it into Production, so the
+canary always has a stable version to compare against. A candidate that failed a gate is
+registered (so its evaluation is reviewable in the MLflow UI), tagged ``rejected``, never staged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prefect import task
+
+from tasks import registry
+from tasks.log import run_logger
+from tasks.registry import ModelVersionRef
+from tasks.tracking import stage_run
+
+if TYPE_CHECKING:
+    from tasks.compress import CompressedModel
+    from tasks.evaluate import Evaluation
+
+
+@dataclass(frozen=True)
+class Registration:
+    production: ModelVersionRef
+    staged: ModelVersionRef | None
+    staged_candidate: str | None
+    rejected: dict[str, str]  # candidate name -> reason
+    versions: dict[str, ModelVersionRef]  # candidate name -> version
+
+
+def _evaluation_tags(evaluation: Evaluation) -> dict[str, str]:
+    tags = {f"lockgate.eval.{k}": f"{v:.6g}" for k, v in evaluation.candidate.as_dict().items()}
+    tags.update({f"lockgate.baseline.{k}": f"{v:.6g}" for k, v in evaluation.baseline.as_dict().items()})
+    tags["lockgate.gates"] = "passed" if evaluation.passed else "failed"
+    return tags
+
+
+def choose_candidate(names: list[str], evaluations: list[Evaluation]) -> str | None:
+    """Among candidates that passed every gate, the one with the lowest p95 latency."""
+    passing = [(e.candidate.latency_p95_ms, n) for n, e in zip(names, evaluations, strict=True) if e.passed]
+    return min(passing)[1] if passing else None
+
+
+@task(name="register")
+def register_task(
+    registered_model: str,
+    parent_folder: Path,
+    compressed: list[CompressedModel],
+    evaluations: list[Evaluation],
+    parent_run_id: str | None,
+    trigger: str,
+) -> Registration:
+    logger = run_logger(__name__)
+    with stage_run(parent_run_id, "register"):
+        production = registry.version_in_stage(registered_model, "Production") if _exists(registered_model) else None
+        if production is None:
+            production = registry.log_model_version(parent_folder, registered_model, {"lockgate.role": "baseline"})
+            registry.promote_first_production(production, "first release: uncompressed parent as stable", trigger)
+            logger.info("first release: baseline registered as %s v%s in Production", registered_model,
+                        production.version)
+        names = [c.candidate for c in compressed]
+        versions: dict[str, ModelVersionRef] = {}
+        rejected: dict[str, str] = {}
+        for model, evaluation in zip(compressed, evaluations, strict=True):
+            tags = {"lockgate.role": "candidate", registry.TAG_CANDIDATE: model.candidate, **_evaluation_tags(evaluation)}
+            ref = registry.log_model_version(model.folder, registered_model, tags)
+            versions[model.candidate] = ref
+            if not evaluation.passed:
+                reason = "; ".join(g.message for g in evaluation.gates if not g.passed)
+                registry.reject_candidate(ref, reason, trigger)
+                rejected[model.candidate] = reason
+                logger.warning("candidate %s (v%s) rejected: %s", model.candidate, ref.version, reason)
+        chosen = choose_candidate(names, evaluations)
+        staged = None
+        if chosen is not None:
+            staged = versions[chosen]
+            registry.stage_candidate(staged, f"passed every gate; lowest p95 latency among {len(names)}", trigger)
+            logger.info("candidate %s staged as %s v%s", chosen, registered_model, staged.version)
+    return Registration(production, staged, chosen, rejected, versions)
+
+
+def _exists(name: str) -> bool:
+    return name in registry.registered_model_names()

@@ -1,0 +1,242 @@
+"""The one module that touches the MLflow model registry.
+
+Stages are what the release is decided by (the user asked for them; MLflow deprecates them but
+3.17 keeps them working). Aliases ``production`` and ``canary`` are kept in step with the stages
+so alias-based consumers see the same truth. Transitions happen in the safe order: the new version
+becomes Production *before* the old one is archived, so there is never a moment with nothing in
+Production; the previous Production version is recorded on the new one so a rollback is one step.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import RegistryError
+from tasks.log import get_logger
+
+log = get_logger(__name__)
+
+PRODUCTION_ALIAS = "production"
+CANARY_ALIAS = "canary"
+TAG_DECISION = "lockgate.decision"
+TAG_REASON = "lockgate.reason"
+TAG_PREVIOUS = "lockgate.previous_production"
+TAG_CANDIDATE = "lockgate.candidate"
+TAG_TRIGGER = "lockgate.triggered_by"
+_PYFUNC_CODE = Path(__file__).resolve().parent.parent / "bentos" / "mlflow_pyfunc.py"
+_BENTOS_DIR = _PYFUNC_CODE.parent
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    stage: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    run_id: str | None
+    created_ms: int
+
+
+def _client():  # noqa: ANN202 - MlflowClient, imported lazily to keep the CLI fast
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Stage APIs warn FutureWarning on every call; the deprecation is known and accepted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def log_model_version(folder: Path, name: str, tags: dict[str, str]) -> ModelVersionRef:
+    """Log ``folder`` as a pyfunc model in the active run and register it as a new version."""
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(_PYFUNC_CODE),
+        artifacts={"model": str(folder)},
+        code_paths=[str(_BENTOS_DIR)],
+        pip_requirements=["torch", "transformers", "torchao", "optimum-quanto", "mlflow"],
+    )
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    _wait_ready(name, version.version)
+    log.info("registered %s version %s", name, version.version)
+    return ModelVersionRef(name, str(version.version))
+
+
+def _wait_ready(name: str, version: str, timeout_s: float = 60) -> None:
+    client = _client()
+    deadline = time.monotonic() + timeout_s
+    while client.get_model_version(name, version).status != "READY":
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{name} v{version} did not become READY in {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def set_tags(ref: ModelVersionRef, tags: dict[str, str]) -> None:
+    client = _client()
+    for key, value in tags.items():
+        client.set_model_version_tag(ref.name, ref.version, key, str(value))
+
+
+def version_in_stage(name: str, stage: str) -> ModelVersionRef | None:
+    with _quiet():
+        versions = _client().get_latest_versions(name, stages=[stage])
+    if len(versions) > 1:
+        raise RegistryError(f"{name}: {len(versions)} versions in {stage}; expected at most one")
+    return ModelVersionRef(name, str(versions[0].version)) if versions else None
+
+
+def _transition(ref: ModelVersionRef, stage: str) -> None:
+    with _quiet():
+        _client().transition_model_version_stage(ref.name, ref.version, stage, archive_existing_versions=False)
+
+
+def _set_alias(name: str, alias: str, version: str | None) -> None:
+    client = _client()
+    if version is None:
+        if alias in client.get_registered_model(name).aliases:
+            client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, version)
+
+
+def _decide(ref: ModelVersionRef, decision: str, reason: str, trigger: str) -> None:
+    set_tags(ref, {TAG_DECISION: decision, TAG_REASON: reason[:5000], TAG_TRIGGER: trigger})
+
+
+def promote_first_production(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> None:
+    """The first ever release puts the baseline into Production so something stable exists."""
+    if version_in_stage(ref.name, "Production") is not None:
+        raise RegistryError(f"{ref.name} already has a Production version")
+    _transition(ref, "Production")
+    _set_alias(ref.name, PRODUCTION_ALIAS, ref.version)
+    _decide(ref, "baseline", reason, trigger)
+
+
+def stage_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> None:
+    """Candidate → Staging (alias ``canary``); any older Staging version is archived first."""
+    previous = version_in_stage(ref.name, "Staging")
+    if previous is not None and previous.version != ref.version:
+        _transition(previous, "Archived")
+        _decide(previous, "superseded", f"replaced in Staging by v{ref.version}", trigger)
+    _transition(ref, "Staging")
+    _set_alias(ref.name, CANARY_ALIAS, ref.version)
+    _decide(ref, "staged", reason, trigger)
+
+
+def reject_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> None:
+    """A candidate that failed a gate: tagged ``rejected``, never staged."""
+    _decide(ref, "rejected", reason, trigger)
+
+
+def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> ModelVersionRef | None:
+    """Candidate → Production, then the old Production → Archived. Returns the old version."""
+    old = version_in_stage(ref.name, "Production")
+    if old is not None and old.version == ref.version:
+        return None  # idempotent: already promoted
+    if old is not None:
+        set_tags(ref, {TAG_PREVIOUS: old.version})
+    _transition(ref, "Production")
+    _set_alias(ref.name, PRODUCTION_ALIAS, ref.version)
+    if _client().get_registered_model(ref.name).aliases.get(CANARY_ALIAS) == ref.version:
+        _set_alias(ref.name, CANARY_ALIAS, None)
+    if old is not None:
+        _transition(old, "Archived")
+        _decide(old, "replaced", f"replaced in Production by v{ref.version}", trigger)
+    _decide(ref, "promoted", reason, trigger)
+    log.info("promoted %s v%s to Production (previous: %s)", ref.name, ref.version, old.version if old else "-")
+    return old
+
+
+def roll_back_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> None:
+    """Canary failed: candidate → Archived; Production is untouched."""
+    _transition(ref, "Archived")
+    if _client().get_registered_model(ref.name).aliases.get(CANARY_ALIAS) == ref.version:
+        _set_alias(ref.name, CANARY_ALIAS, None)
+    _decide(ref, "rolled_back", reason, trigger)
+    log.warning("rolled back candidate %s v%s: %s", ref.name, ref.version, reason)
+
+
+def roll_back_production(name: str, reason: str, trigger: str = "lockgate") -> tuple[ModelVersionRef, ModelVersionRef]:
+    """Production goes back to the version it replaced. Returns (restored, demoted)."""
+    current = version_in_stage(name, "Production")
+    if current is None:
+        raise RegistryError(f"{name} has no Production version to roll back")
+    previous = describe_version(current).tags.get(TAG_PREVIOUS)
+    if not previous:
+        raise RegistryError(f"{name} v{current.version} records no previous Production version")
+    restored = ModelVersionRef(name, previous)
+    _transition(restored, "Production")  # restore first: Production is never empty
+    _set_alias(name, PRODUCTION_ALIAS, restored.version)
+    _transition(current, "Archived")
+    _decide(current, "rolled_back", reason, trigger)
+    _decide(restored, "restored", f"restored by rollback of v{current.version}: {reason}", trigger)
+    log.warning("rolled back %s Production v%s -> v%s: %s", name, current.version, previous, reason)
+    return restored, current
+
+
+def describe_version(ref: ModelVersionRef) -> VersionInfo:
+    mv = _client().get_model_version(ref.name, ref.version)
+    return VersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        stage=mv.current_stage,
+        aliases=tuple(mv.aliases),
+        tags=dict(mv.tags),
+        run_id=mv.run_id,
+        created_ms=int(mv.creation_timestamp),
+    )
+
+
+def list_versions(name: str) -> list[VersionInfo]:
+    """All versions of ``name`` (newest first) with stage, aliases and tags."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model named {name!r}") from exc
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    versions = client.search_model_versions(f"name='{name}'")
+    infos = [
+        VersionInfo(
+            name=mv.name,
+            version=str(mv.version),
+            stage=mv.current_stage,
+            # search results carry no aliases (MLflow 3.17): take them from the registered model.
+            aliases=tuple(sorted(by_version.get(str(mv.version), []))),
+            tags=dict(mv.tags),
+            run_id=mv.run_id,
+            created_ms=int(mv.creation_timestamp),
+        )
+        for mv in versions
+    ]
+    return sorted(infos, key=lambda v: int(v.version), reverse=True)
+
+
+def registered_model_names() -> list[str]:
+    return sorted(m.name for m in _client().search_registered_models())

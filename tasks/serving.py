@@ -1,0 +1,111 @@
+"""Start and stop BentoML service processes on loopback ports (used by the canary stage and CLI)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tasks.errors import StageFailed
+from tasks.log import get_logger
+from tasks.settings import export_environment, get_settings
+
+log = get_logger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    """A running ``bentoml serve``; ``stop()`` ends its whole process group."""
+
+    role: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    env: dict[str, str] = field(repr=False)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 15) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_service(
+    target: str,
+    role: str,
+    model_uri: str,
+    request_log: Path,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    ready_timeout_s: float = 120,
+) -> ServiceProcess:
+    """``bentoml serve TARGET`` (a bento tag or ``module:Service``) for one model; waits for /readyz."""
+    settings = get_settings()
+    port = free_port(settings.host)
+    env = {
+        **os.environ,
+        **export_environment(settings),
+        "LOCKGATE_MODEL_URI": model_uri,
+        "LOCKGATE_SERVICE_ROLE": role,
+        "LOCKGATE_REQUEST_LOG": str(request_log.resolve()),
+        "LOCKGATE_MODEL_CACHE": str((settings.cache_dir / "registry").resolve()),
+        **(extra_env or {}),
+    }
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{role}-{port}.log"
+    command = [sys.executable, "-m", "bentoml", "serve", target, "--host", settings.host, "--port", str(port)]
+    with log_path.open("w") as sink:
+        process = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
+            start_new_session=True,  # its own process group, so stop() reaches bentoml's workers too
+        )
+    service = ServiceProcess(role, f"http://{settings.host}:{port}", process, log_path, env)
+    try:
+        wait_ready(service, ready_timeout_s)
+    except StageFailed:
+        service.stop()
+        raise
+    log.info("%s service for %s ready at %s", role, model_uri, service.url)
+    return service
+
+
+def wait_ready(service: ServiceProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise StageFailed(
+                "canary", f"{service.role} service exited with {service.process.returncode}: {service.log_tail()}"
+            )
+        try:
+            if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise StageFailed("canary", f"{service.role} service not ready after {timeout_s:.0f}s: {service.log_tail()}")

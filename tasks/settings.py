@@ -1,0 +1,82 @@
+"""Where things run — not what to release. Read from the environment (``LOCKGATE_`` prefix).
+
+The spec (pipelines.yaml) says *what* to release; settings say *where*: the MLflow tracking
+server, local state folders, the Prefect task runner. Secrets never belong in the spec.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOCKGATE_", frozen=True)
+
+    home: Path = Field(Path(".lockgate"), description="Local state: MLflow store, caches, logs.")
+    reports_dir: Path = Field(Path("reports"), description="Generated reports.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite in `home` (MLflow refuses ./mlruns)."
+    )
+    host: str = Field("127.0.0.1", description="Address the services bind to.")
+    task_runner: Literal["threads", "dask"] = Field("threads", description="Prefect task runner.")
+    demo_train_steps: int | None = Field(
+        None, ge=1, description="Override the demo model's pre-training steps (tests use fewer)."
+    )
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.home / "mlartifacts").resolve().as_uri()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.home / "bentoml"
+
+    @property
+    def request_log_dir(self) -> Path:
+        return self.home / "request-logs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def export_environment(settings: Settings | None = None) -> dict[str, str]:
+    """Set the environment the stack's libraries read, and return it for child processes.
+
+    Quiet, offline defaults: no telemetry, no hub look-ups, no analytics database locks.
+    """
+    s = settings or get_settings()
+    s.home.mkdir(parents=True, exist_ok=True)
+    env = {
+        "MLFLOW_TRACKING_URI": s.tracking_uri,
+        "BENTOML_HOME": str(s.bentoml_home.resolve()),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "GX_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in env}
