@@ -19,8 +19,8 @@ class LockgateLLM(PythonModel):
 
         self._lm = load_model(Path(context.artifacts["model"]))
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:  # noqa: ANN001
-        prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:  # noqa: ANN001
+        prompts = list(model_input)
         budget = int((params or {}).get("max_new_tokens", 16))
         return [g.text for g in self._lm.generate([str(p) for p in prompts], max_new_tokens=budget)]
 

@@ -6,6 +6,7 @@ never missing. WAL mode lets readers (``read_frame``) run while the service writ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import threading
@@ -98,7 +99,7 @@ class RequestLog:
         if not self.path.is_file():
             raise FileNotFoundError(f"request log {self.path} does not exist")
         # A fresh read-only connection per call: readers never block the writer under WAL.
-        with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as conn:
             query = f"SELECT {', '.join(COLUMNS)} FROM requests"
             if since is None:
                 return pd.read_sql_query(query + " ORDER BY ts", conn)

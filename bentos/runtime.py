@@ -114,7 +114,9 @@ class _Cancelled(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _TokenQueue(BaseStreamer):
@@ -214,7 +216,10 @@ class LoadedModel:
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+        }
 
     def _generation_config(self, params: SamplingParams, max_new_tokens: int) -> GenerationConfig:
         # Start from the model's own config so its eos ids (e.g. Llama-3's list) are kept.
@@ -342,11 +347,14 @@ class TextStream:
         finally:
             self.close()
 
+    def cancel(self) -> None:
+        """Ask generation to stop after its current step; returns at once (safe from any thread)."""
+        self._cancel.set()
+
     def close(self) -> None:
         """Stop generation (if still running) and wait for the thread, which frees the model lock."""
         self._cancel.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        self._thread.join()
 
 
 def load_model(folder: Path, device: str | None = None) -> LoadedModel:
@@ -363,7 +371,11 @@ def load_model(folder: Path, device: str | None = None) -> LoadedModel:
     model.eval()
     tokenizer = _load_tokenizer(folder, model)
     logger.info(
-        "loaded %s (quantization=%s) on %s in %.1fs", folder, quantization, device, time.perf_counter() - started
+        "loaded %s (quantization=%s) on %s in %.1fs",
+        folder,
+        quantization,
+        device,
+        time.perf_counter() - started,
     )
     return LoadedModel(model, tokenizer, device, folder, quantization)
 
@@ -386,7 +398,9 @@ def detect_quantization(folder: Path) -> Quantization:
 
 def weights_size_bytes(folder: Path) -> int:
     """Bytes of weight files (*.safetensors, *.bin, *.pt) directly in ``folder``."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    return sum(
+        p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+    )
 
 
 def _load_quanto(folder: Path, device: str) -> PreTrainedModel:

@@ -69,7 +69,7 @@ def run(
     from flows.spec_loader import load_spec
 
     try:
-        load_spec(file).pipeline(pipeline)  # fail fast, before Prefect starts
+        pipeline, _ = load_spec(file).pipeline(pipeline)  # fail fast, before Prefect starts
     except SpecError as exc:
         for problem in exc.problems:
             typer.echo(problem, err=True)
@@ -78,8 +78,10 @@ def run(
         typer.echo(str(exc.args[0]), err=True)
         raise typer.Exit(2) from None
     from tasks.log import configure
+    from tasks.settings import export_environment
 
     configure()
+    export_environment()  # before prefect is imported: it reads PREFECT_HOME at import time
     from flows.release import release_flow
     from flows.summary import render_summary
 

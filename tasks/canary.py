@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from prefect import task
 from tasks import registry
 from tasks.log import get_logger
 from tasks.registry import ModelVersionRef
-from tasks.serving import start_service
+from tasks.serving import start_services
 from tasks.tracking import stage_run
 
 if TYPE_CHECKING:
@@ -193,10 +194,14 @@ def canary_task(
     with stage_run(parent_run_id, "canary"):
         mlflow.log_params({"steps": ",".join(f"{s:g}" for s in spec.steps), "stable_version": stable.version,
                            "candidate_version": candidate.version})
-        with (
-            start_service(bento_tag, "stable", stable.uri, request_log, log_dir) as stable_service,
-            start_service(bento_tag, "canary", candidate.uri, request_log, log_dir) as canary_service,
-        ):
+        # Two services share this machine: split its cores between them.
+        threads = max(1, (os.cpu_count() or 2) // 2)
+        common = {"target": bento_tag, "request_log": request_log, "log_dir": log_dir, "torch_threads": threads}
+        stable_service, canary_service = start_services([
+            {**common, "role": "stable", "model_uri": stable.uri},
+            {**common, "role": "canary", "model_uri": candidate.uri},
+        ])
+        with stable_service, canary_service:
             result = run_canary(stable_service.url, canary_service.url, prompts, spec)
         for index, step in enumerate(result.steps):
             mlflow.log_metrics({

@@ -67,7 +67,8 @@ class DemoHyperparams:
     # Pre-training.
     pretrain_docs: int = 60_000
     pretrain_steps: int = 1_200
-    pretrain_batch: int = 64
+    pretrain_batch: int = 24
+    pretrain_seq_len: int = 64
     pretrain_lr: float = 2e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
@@ -160,7 +161,7 @@ def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | 
         log.info("demo model: %d parameters; pre-training %d steps", n_params, pre_steps)
         pre_losses = _fit(
             model,
-            _batches(_encode_documents(tokenizer, docs), None, hp.pretrain_batch, tokenizer.pad_token_id, hp.seed),
+            _packed_batches(_encode_documents(tokenizer, docs), hp.pretrain_batch, hp.pretrain_seq_len, hp.seed),
             [p for p in model.parameters() if p.requires_grad],
             steps=pre_steps, lr=hp.pretrain_lr, warmup=min(hp.warmup_steps, pre_steps // 10),
             weight_decay=hp.weight_decay, phase="pre-train",
@@ -336,6 +337,28 @@ def _encode_questions(
     answers = tokenizer([f" {a}\n" for _, a in examples], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return [p + a + [eos] for p, a in zip(prompts, answers, strict=True)], [len(p) for p in prompts]
+
+
+def _packed_batches(
+    docs: list[list[int]], batch: int, seq_len: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled epochs of documents packed back to back into ``batch x seq_len`` rows.
+
+    Documents average ~15 tokens and range 8-25, so padding each batch to its longest wastes a
+    third of the compute; packed rows waste none. Each document starts with ``<s>``, which the
+    model learns to treat as a reset (prompts at inference start with it too)."""
+    import torch
+
+    rng = random.Random(seed)
+    stream: list[int] = []
+    need = batch * seq_len
+    while True:
+        while len(stream) < need:
+            for i in rng.sample(range(len(docs)), len(docs)):
+                stream.extend(docs[i])
+        ids = torch.tensor(stream[:need], dtype=torch.long).view(batch, seq_len)
+        del stream[:need]
+        yield {"input_ids": ids, "labels": ids}
 
 
 def _batches(

@@ -121,6 +121,11 @@ def _set_alias(name: str, alias: str, version: str | None) -> None:
         client.set_registered_model_alias(name, alias, version)
 
 
+def _alias_version(name: str, alias: str) -> str | None:
+    version = _client().get_registered_model(name).aliases.get(alias)
+    return None if version is None else str(version)
+
+
 def _decide(ref: ModelVersionRef, decision: str, reason: str, trigger: str) -> None:
     set_tags(ref, {TAG_DECISION: decision, TAG_REASON: reason[:5000], TAG_TRIGGER: trigger})
 
@@ -159,7 +164,7 @@ def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> Mod
         set_tags(ref, {TAG_PREVIOUS: old.version})
     _transition(ref, "Production")
     _set_alias(ref.name, PRODUCTION_ALIAS, ref.version)
-    if _client().get_registered_model(ref.name).aliases.get(CANARY_ALIAS) == ref.version:
+    if _alias_version(ref.name, CANARY_ALIAS) == ref.version:
         _set_alias(ref.name, CANARY_ALIAS, None)
     if old is not None:
         _transition(old, "Archived")
@@ -172,7 +177,7 @@ def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> Mod
 def roll_back_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> None:
     """Canary failed: candidate → Archived; Production is untouched."""
     _transition(ref, "Archived")
-    if _client().get_registered_model(ref.name).aliases.get(CANARY_ALIAS) == ref.version:
+    if _alias_version(ref.name, CANARY_ALIAS) == ref.version:
         _set_alias(ref.name, CANARY_ALIAS, None)
     _decide(ref, "rolled_back", reason, trigger)
     log.warning("rolled back candidate %s v%s: %s", ref.name, ref.version, reason)

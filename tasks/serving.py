@@ -56,16 +56,19 @@ class ServiceProcess:
         self.stop()
 
 
-def start_service(
+def launch_service(
     target: str,
     role: str,
     model_uri: str,
     request_log: Path,
     log_dir: Path,
     extra_env: dict[str, str] | None = None,
-    ready_timeout_s: float = 120,
+    torch_threads: int | None = None,
 ) -> ServiceProcess:
-    """``bentoml serve TARGET`` (a bento tag or ``module:Service``) for one model; waits for /readyz."""
+    """Start ``bentoml serve TARGET`` (a bento tag or ``module:Service``) for one model; no waiting.
+
+    ``torch_threads`` caps intra-op threads: services sharing a small machine would otherwise each
+    start one thread per core and oversubscribe it, which shows up as latency spikes."""
     settings = get_settings()
     port = free_port(settings.host)
     env = {
@@ -75,6 +78,7 @@ def start_service(
         "LOCKGATE_SERVICE_ROLE": role,
         "LOCKGATE_REQUEST_LOG": str(request_log.resolve()),
         "LOCKGATE_MODEL_CACHE": str((settings.cache_dir / "registry").resolve()),
+        **({"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)} if torch_threads else {}),
         **(extra_env or {}),
     }
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -85,14 +89,25 @@ def start_service(
             command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
             start_new_session=True,  # its own process group, so stop() reaches bentoml's workers too
         )
-    service = ServiceProcess(role, f"http://{settings.host}:{port}", process, log_path, env)
+    return ServiceProcess(role, f"http://{settings.host}:{port}", process, log_path, env)
+
+
+def start_services(launches: list[dict], ready_timeout_s: float = 180) -> list[ServiceProcess]:
+    """Launch several services at once (their start-ups overlap), then wait until all are ready.
+
+    Each dict holds :func:`launch_service` keyword arguments. On any failure all are stopped."""
+    services: list[ServiceProcess] = []
     try:
-        wait_ready(service, ready_timeout_s)
-    except StageFailed:
-        service.stop()
+        for kwargs in launches:
+            services.append(launch_service(**kwargs))
+        for service in services:
+            wait_ready(service, ready_timeout_s)
+            log.info("%s service ready at %s", service.role, service.url)
+    except BaseException:
+        for service in services:
+            service.stop()
         raise
-    log.info("%s service for %s ready at %s", role, model_uri, service.url)
-    return service
+    return services
 
 
 def wait_ready(service: ServiceProcess, timeout_s: float) -> None:

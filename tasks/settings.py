@@ -77,6 +77,10 @@ def export_environment(settings: Settings | None = None) -> dict[str, str]:
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
+    # Prefect keeps its database and results under the lockgate home unless told otherwise; it reads
+    # this at import time, so callers export the environment before importing prefect.
+    env["PREFECT_HOME"] = str((s.home / "prefect").resolve())
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return {key: os.environ[key] for key in env}

@@ -1,0 +1,818 @@
+"""The LLM service: ``bentoml serve bentos.llm_service:LLMService``.
+
+Configured only through environment variables, read at import (the same module serves and builds):
+
+* ``LOCKGATE_MODEL_URI``      local model folder or ``models:/...`` (required to serve, not to build)
+* ``LOCKGATE_MODEL_NAME``     metric/log label (default: last part of the URI)
+* ``LOCKGATE_MODEL_VERSION``  metric/log label (default ``unknown``)
+* ``LOCKGATE_SERVICE_ROLE``   e.g. ``stable`` / ``canary`` (default ``stable``)
+* ``LOCKGATE_REQUEST_LOG``    SQLite file for the request log (default: no request log)
+* ``LOCKGATE_LOG_TEXT``       ``1`` stores raw prompt/output text in the request log (default ``0``)
+* ``LOCKGATE_SERVICE_CONFIG`` JSON object, see :class:`ServiceConfig` (default ``{}``)
+
+Endpoints: ``POST /generate`` (JSON), ``POST /generate_stream`` (text chunks), plus BentoML's
+``/readyz`` (200 only once the model is loaded and warmed up), ``/livez`` and ``/metrics``.
+Every request to the two endpoints — answered, refused or failed — gets one request-log row, one
+``llm_requests_total`` increment and one JSON log line, written by :class:`RequestAccounting`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import bentoml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse, StreamingResponse
+
+from bentos.model_resolver import resolve_model_dir
+from bentos.request_log import RequestLog, RequestRow, Status, hash_user
+
+if TYPE_CHECKING:
+    # Imported lazily at runtime: torch + transformers take seconds to import, and `bentoml build`
+    # and the serve supervisor process import this module without ever generating.
+    from bentos.runtime import Generation, LoadedModel, TextStream
+
+logger = logging.getLogger("lockgate.service")
+request_logger = logging.getLogger("lockgate.requests")
+
+ENDPOINTS = ("generate", "generate_stream")
+Endpoint = Literal["generate", "generate_stream"]
+WARMUP_PROMPT = "Warm-up: the quick brown fox jumps over the lazy dog."
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+class ServiceConfig(BaseModel):
+    """Resources, traffic and limits of one service (``LOCKGATE_SERVICE_CONFIG``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpu: int = Field(
+        0, ge=0, description="GPUs to request; 0 = none. BentoML still serves on CPU when none exist."
+    )
+    cpu: str | None = Field(None, description="CPU request, e.g. '2' or '500m'; None = no request.")
+    memory: str | None = Field(None, description="Memory request, e.g. '4Gi'; None = no request.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most /generate requests run as one batch.")
+    max_latency_ms: float = Field(
+        10.0, ge=0, le=10_000, description="Longest a request waits for others to join its batch."
+    )
+    max_prompt_chars: int = Field(8000, ge=1, description="Longer prompts are refused with 422.")
+    max_new_tokens: int = Field(256, ge=1, description="Cap on a request's max_new_tokens (422 above).")
+    timeout_s: float = Field(
+        60.0, gt=0, description="BentoML traffic timeout: time to the first response byte."
+    )
+    concurrency: int = Field(32, ge=1, description="Requests in flight before BentoML answers 429.")
+    warmup_requests: int = Field(
+        2, ge=0, description="Generations run after loading, before /readyz says ready."
+    )
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything the environment says about this service instance."""
+
+    model_uri: str | None
+    model_name: str
+    model_version: str
+    role: str
+    request_log: Path | None
+    log_text: bool
+    config: ServiceConfig
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
+        """Parse the ``LOCKGATE_*`` variables; raises ValueError naming the bad variable."""
+        uri = env.get("LOCKGATE_MODEL_URI") or None
+        raw_config = env.get("LOCKGATE_SERVICE_CONFIG") or "{}"
+        try:
+            config = ServiceConfig.model_validate_json(raw_config)
+        except ValidationError as exc:
+            raise ValueError(f"LOCKGATE_SERVICE_CONFIG is invalid: {exc}") from exc
+        log_path = env.get("LOCKGATE_REQUEST_LOG") or None
+        return cls(
+            model_uri=uri,
+            model_name=env.get("LOCKGATE_MODEL_NAME")
+            or (uri.rstrip("/").rsplit("/", 1)[-1] if uri else "unknown"),
+            model_version=env.get("LOCKGATE_MODEL_VERSION") or "unknown",
+            role=env.get("LOCKGATE_SERVICE_ROLE") or "stable",
+            request_log=Path(log_path) if log_path else None,
+            log_text=_parse_flag("LOCKGATE_LOG_TEXT", env.get("LOCKGATE_LOG_TEXT", "")),
+            config=config,
+        )
+
+
+def _parse_flag(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("", "0", "false", "no"):
+        return False
+    if lowered in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
+
+
+SETTINGS = ServiceSettings.from_env()
+
+
+# -- requests, limits ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One validated-by-type request, as both endpoints receive it."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    user_id: str | None
+
+
+class GenerateResponse(BaseModel):
+    """Body of a successful ``POST /generate``."""
+
+    text: str = Field(description="The continuation only, special tokens removed.")
+    prompt_tokens: int
+    output_tokens: int
+    latency_ms: float = Field(description="Server time for this request, queueing included.")
+    model_version: str
+    request_id: str
+    finish_reason: Literal["eos", "stop", "length"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a request is refused (HTTP 422), and which field is at fault."""
+
+    field: str
+    message: str
+
+
+MAX_STOP_STRINGS = 8
+MAX_SEED = 2**63 - 1
+
+
+def check_limits(req: GenerateRequest, config: ServiceConfig) -> Problem | None:
+    """The first limit ``req`` breaks, or None. Types were already checked by BentoML (400)."""
+    if not req.prompt:
+        return Problem("prompt", "must not be empty")
+    if len(req.prompt) > config.max_prompt_chars:
+        return Problem(
+            "prompt", f"must be at most {config.max_prompt_chars} characters, got {len(req.prompt)}"
+        )
+    if req.max_new_tokens < 1:
+        return Problem("max_new_tokens", "must be >= 1")
+    if req.max_new_tokens > config.max_new_tokens:
+        return Problem("max_new_tokens", f"must be <= {config.max_new_tokens}")
+    if not 0.0 <= req.temperature <= 100.0:  # also refuses NaN
+        return Problem("temperature", "must be between 0 and 100")
+    if not 0.0 < req.top_p <= 1.0:
+        return Problem("top_p", "must be in (0, 1]")
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        return Problem("seed", f"must be between 0 and {MAX_SEED}")
+    if len(req.stop) > MAX_STOP_STRINGS or any(not s for s in req.stop):
+        return Problem("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
+    return None
+
+
+# -- accounting: request log, metrics, JSON log line ---------------------------------------------
+
+
+@dataclass
+class RequestRecord:
+    """What one request did; filled in by the handler, written once by :class:`Accounting`."""
+
+    request_id: str
+    endpoint: Endpoint
+    started: float  # time.perf_counter()
+    claimed: bool = False  # the handler saw it (else BentoML refused it before our code ran)
+    status: Status | None = None
+    error: str | None = None
+    error_field: str | None = None
+    http_status: int | None = None
+    user_hash: str | None = None
+    prompt_chars: int | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    prompt: str | None = None
+    output: str | None = None
+    written: bool = field(default=False, repr=False)
+
+    def describe(self, req: GenerateRequest, log_text: bool) -> None:
+        self.claimed = True
+        self.user_hash = hash_user(req.user_id)
+        self.prompt_chars = len(req.prompt)
+        if log_text:
+            self.prompt = req.prompt
+
+    def succeed(self, gen: Generation, log_text: bool) -> None:
+        self.status, self.prompt_tokens, self.output_tokens = "ok", gen.prompt_tokens, gen.output_tokens
+        if log_text:
+            self.output = gen.text
+
+    def reject(self, problem: Problem) -> None:
+        self.status, self.error, self.error_field = (
+            "rejected",
+            f"{problem.field}: {problem.message}",
+            problem.field,
+        )
+
+    def fail(self, error: str) -> None:
+        self.status, self.error = "error", error
+
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+
+class ServiceMetrics:
+    """The service's Prometheus metrics. Create only inside the worker (see :func:`_metrics`)."""
+
+    def __init__(self) -> None:
+        # prometheus_client picks single- or multi-process mode at import; BentoML sets
+        # PROMETHEUS_MULTIPROC_DIR in the worker only after importing this module, so import it here
+        # (bentoml/metrics.py explains the same). Imported earlier, /metrics would not show these.
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter(
+            "llm_requests_total", "LLM requests by outcome.", ["model", "version", "status"]
+        )
+        self.duration = Histogram(
+            "llm_request_duration_seconds",
+            "Time to answer an LLM request (ok and error; refusals excluded).",
+            ["model", "operation"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+        )
+        self.tokens = Counter("llm_tokens_total", "Tokens processed, by type (prompt/completion).", ["type"])
+        self.batch_size = Histogram(
+            "llm_batch_size",
+            "Requests per batched generate call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+
+
+class Accounting:
+    """Writes one request-log row, metric update and JSON log line per request."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.request_log = RequestLog(settings.request_log) if settings.request_log else None
+        self._metrics: ServiceMetrics | None = None
+
+    @property
+    def metrics(self) -> ServiceMetrics:
+        if self._metrics is None:
+            self._metrics = ServiceMetrics()
+        return self._metrics
+
+    def finish(self, record: RequestRecord) -> None:
+        """Account for ``record`` once. Synchronous on purpose: a WAL commit with synchronous=NORMAL
+        does no fsync (well under 1 ms), and it must be done before the response's last byte goes
+        out, also when the request is being cancelled (an ``await`` there could be cancelled too)."""
+        if record.written:
+            return
+        record.written = True
+        s = self.settings
+        status: Status = record.status or "error"
+        latency_ms = record.latency_ms()
+        if self.request_log is not None:
+            self.request_log.append(
+                RequestRow(
+                    # Completion time, not arrival: rows then commit in ts order, so a reader polling
+                    # with since=<last ts seen> misses nothing.
+                    ts=time.time(),
+                    request_id=record.request_id,
+                    service_role=s.role,
+                    model_name=s.model_name,
+                    model_version=s.model_version,
+                    endpoint=record.endpoint,
+                    user_hash=record.user_hash,
+                    prompt_chars=record.prompt_chars,
+                    prompt_tokens=record.prompt_tokens,
+                    output_tokens=record.output_tokens,
+                    latency_ms=latency_ms,
+                    status=status,
+                    error=record.error,
+                    prompt=record.prompt,
+                    output=record.output,
+                )
+            )
+        m = self.metrics
+        m.requests.labels(s.model_name, s.model_version, status).inc()
+        if status != "rejected":  # refusals take microseconds and would drag latency quantiles down
+            m.duration.labels(s.model_name, record.endpoint).observe(latency_ms / 1000.0)
+        if status == "ok":
+            m.tokens.labels("prompt").inc(record.prompt_tokens or 0)
+            m.tokens.labels("completion").inc(record.output_tokens or 0)
+        line = {
+            "event": "llm_request",
+            "request_id": record.request_id,
+            "endpoint": record.endpoint,
+            "model": s.model_name,
+            "model_version": s.model_version,
+            "role": s.role,
+            "status": status,
+            "http_status": record.http_status,
+            "latency_ms": round(latency_ms, 2),
+            "prompt_tokens": record.prompt_tokens,
+            "output_tokens": record.output_tokens,
+            "error": record.error,
+        }
+        request_logger.info(json.dumps(line))
+
+
+ACCOUNTING = Accounting(SETTINGS)
+_CURRENT_RECORD: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
+    "lockgate_request_record", default=None
+)
+
+
+class RequestAccounting:
+    """ASGI middleware around the two endpoints: gives each request an id and accounts for it.
+
+    It also sees requests BentoML refuses before our handler runs (malformed JSON, missing or
+    wrong-typed fields: 400 with pydantic's ``detail``); for those it adds ``field`` to the body, so
+    every refusal names its field the same way as our own 422s.
+    """
+
+    def __init__(self, app: Any, accounting: Accounting) -> None:
+        self.app = app
+        self.accounting = accounting
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        endpoint = scope.get("path", "").rsplit("/", 1)[-1]
+        if scope["type"] != "http" or endpoint not in ENDPOINTS:
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(uuid.uuid4().hex, endpoint, time.perf_counter())  # type: ignore[arg-type]
+        # A context variable, not a `ctx: bentoml.Context` parameter: with ctx, BentoML overwrites the
+        # status code of a returned Response with ctx.response.status_code (200), losing our 422s.
+        token = _CURRENT_RECORD.set(record)
+        held: dict[str, Any] = {}  # response start of an unclaimed error, held to rewrite its body
+        body = bytearray()
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                record.http_status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", record.request_id.encode()),
+                ]
+                if not record.claimed and message["status"] >= 400:
+                    held.update(message)
+                    return
+                await send(message)
+            elif message["type"] == "http.response.body" and held:
+                body.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    start, new_body = _rewrite_refusal(record, held, bytes(body))
+                    self.accounting.finish(record)
+                    await send(start)
+                    await send({"type": "http.response.body", "body": new_body})
+            else:
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    if record.status is None:  # a claimed response that did not say how it went
+                        record.fail(f"HTTP {record.http_status} without an outcome")
+                    self.accounting.finish(record)  # before the last byte: acknowledged => logged
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            _CURRENT_RECORD.reset(token)
+            if not record.written:
+                if record.status in (None, "ok"):
+                    record.fail("response not completed (client disconnected, timeout or stream error)")
+                self.accounting.finish(record)
+
+
+def _rewrite_refusal(
+    record: RequestRecord, start: dict[str, Any], body: bytes
+) -> tuple[dict[str, Any], bytes]:
+    """Account for a response BentoML produced without our handler, adding ``field`` to its body."""
+    status = start["status"]
+    record.status = "rejected" if status < 500 else "error"
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        record.error = f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+        return start, body
+    details = payload.get("detail") if isinstance(payload, dict) else None
+    if not isinstance(details, list) or not details:
+        record.error = f"HTTP {status}: {payload}"
+        return start, body
+    first = details[0]
+    loc = [str(part) for part in first.get("loc", [])]
+    field_name = ".".join(loc) if loc else "body"  # json_invalid has no loc: the body itself is bad
+    message = f"{field_name}: {first.get('msg', 'invalid')}"
+    record.error, record.error_field = message, field_name
+    new_body = json.dumps({**payload, "error": message, "field": field_name, "request_id": record.request_id})
+    encoded = new_body.encode()
+    headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(encoded)).encode()))
+    return {**start, "headers": headers}, encoded
+
+
+# -- micro-batching ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BatchKey:
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+
+
+@dataclass
+class _Pending:
+    request: GenerateRequest
+    future: asyncio.Future[Generation]
+
+
+def batch_key(req: GenerateRequest) -> _BatchKey | None:
+    """Which requests may share one ``generate`` call; None = must run alone.
+
+    Requests are grouped when they decode the same way and may differ in ``max_new_tokens``: the
+    runtime stops each row at its own budget, and for greedy decoding a row's tokens do not depend
+    on its neighbours (left padding is masked). Sampling uses one temperature/top_p per call, so
+    those must match. A seeded sampling request runs alone: the RNG stream is shared by the rows of
+    a batch, so its output would depend on who else was in the batch, breaking "same seed, same text".
+    """
+    if req.temperature == 0.0:
+        return _BatchKey(0.0, 1.0, req.stop)  # top_p and seed do not matter for greedy
+    if req.seed is not None:
+        return None
+    return _BatchKey(req.temperature, req.top_p, req.stop)
+
+
+class MicroBatcher:
+    """Groups concurrent /generate requests into batched ``LoadedModel.generate`` calls.
+
+    One asyncio task takes the first waiting request, waits at most ``max_latency_s`` for up to
+    ``max_batch_size - 1`` more, splits them by :func:`batch_key` and runs each group in a thread
+    (the event loop keeps serving /readyz, /metrics and new requests meanwhile). Requests arriving
+    while a batch runs queue up for the next one, so under load batches fill without waiting.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_batch_size: int,
+        max_latency_s: float,
+        on_batch: Callable[[int], None],
+    ) -> None:
+        self._model = model
+        self._max_batch_size = max_batch_size
+        self._max_latency_s = max_latency_s
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="lockgate-micro-batcher")
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, req: GenerateRequest) -> Generation:
+        """Queue ``req`` and wait for its generation (exceptions of the model are re-raised here)."""
+        if not self.alive:
+            raise RuntimeError("micro-batcher is not running")
+        future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(req, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            for group in _group(batch):
+                await self._run_group(group)
+
+    async def _collect(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self._max_latency_s
+        while len(batch) < self._max_batch_size:
+            try:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run_group(self, group: list[_Pending]) -> None:
+        live = [p for p in group if not p.future.done()]  # done = cancelled (client gone, timeout)
+        if not live:
+            return
+        self._on_batch(len(live))
+        first = live[0].request
+        try:
+            results = await asyncio.to_thread(
+                self._model.generate,
+                [p.request.prompt for p in live],
+                [p.request.max_new_tokens for p in live],
+                temperature=first.temperature,
+                top_p=first.top_p,
+                seed=first.seed,
+                stop=list(first.stop),
+            )
+        except Exception as exc:  # handed to every waiting request, which answers 500
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        for p, result in zip(live, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)
+
+
+def _group(batch: list[_Pending]) -> list[list[_Pending]]:
+    groups: dict[object, list[_Pending]] = {}
+    for i, pending in enumerate(batch):
+        key = batch_key(pending.request)
+        groups.setdefault(key if key is not None else ("alone", i), []).append(pending)
+    return list(groups.values())
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+def _resources(config: ServiceConfig) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if config.gpu > 0:
+        resources["gpu"] = config.gpu
+    if config.cpu is not None:
+        resources["cpu"] = config.cpu
+    if config.memory is not None:
+        resources["memory"] = config.memory
+    return resources
+
+
+def _enable_loggers() -> None:
+    """BentoML's worker runs logging.config.dictConfig after importing this module, which disables
+    every logger that existed then (disable_existing_loggers) and sets the root level to WARNING.
+    Re-enable ours; request lines go to stdout as bare JSON, one per line."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("lockgate", "bentos"):
+            logging.getLogger(name).disabled = False
+    for name in ("lockgate", "bentos"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not request_logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        request_logger.addHandler(handler)
+        request_logger.propagate = False
+
+
+@bentoml.service(
+    resources=_resources(SETTINGS.config),
+    traffic={"timeout": SETTINGS.config.timeout_s, "concurrency": SETTINGS.config.concurrency},
+    workers=1,
+)
+class LLMService:
+    """Serves one model version; see the module docstring for configuration and endpoints."""
+
+    def __init__(self) -> None:
+        _enable_loggers()
+        if SETTINGS.model_uri is None:
+            raise RuntimeError("LOCKGATE_MODEL_URI is not set: nothing to serve")
+        self.settings = SETTINGS
+        self.accounting = ACCOUNTING
+        _ = self.accounting.metrics  # register the metrics now, so /metrics lists them before traffic
+        self.model: LoadedModel | None = None
+        self.batcher: MicroBatcher | None = None
+        self.load_error: BaseException | None = None
+        self._ready = False
+        self._loader: asyncio.Task[None] | None = None
+
+    @bentoml.on_startup
+    async def start_loading(self) -> None:
+        """Load and warm up in the background: /livez answers at once, /readyz once warm."""
+        self._loader = asyncio.create_task(self._load_and_warm_up(), name="lockgate-model-loader")
+
+    @bentoml.on_shutdown
+    async def shut_down(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.accounting.request_log is not None:
+            self.accounting.request_log.close()
+
+    async def __is_ready__(self) -> bool:
+        return self._ready and self.batcher is not None and self.batcher.alive
+
+    async def __is_alive__(self) -> bool:
+        # A model that failed to load, or a dead batch worker, never recovers: let the platform restart.
+        if self.load_error is not None:
+            return False
+        return not (self._ready and self.batcher is not None and not self.batcher.alive)
+
+    async def _load_and_warm_up(self) -> None:
+        from bentos.runtime import load_model
+
+        cfg = self.settings.config
+        started = time.perf_counter()
+        try:
+            folder = await asyncio.to_thread(resolve_model_dir, self.settings.model_uri)
+            model = await asyncio.to_thread(load_model, folder)
+            loaded = time.perf_counter()
+            # The first calls pay one-time costs (allocator, kernel selection): ~1.0 s on the tiny test
+            # model vs ~0.05 s afterwards (quanto: 2.4 s). Pay them before taking traffic.
+            for _ in range(cfg.warmup_requests):
+                await asyncio.to_thread(model.generate, [WARMUP_PROMPT], min(8, cfg.max_new_tokens))
+        except Exception as exc:
+            # Kept, not re-raised into a task nobody awaits: it surfaces as /livez 503 (restart me),
+            # /readyz 503 and in the 503 body of every request.
+            self.load_error = exc
+            logger.exception("model %s failed to load", self.settings.model_uri)
+            return
+        self.model = model
+        self.batcher = MicroBatcher(
+            model, cfg.max_batch_size, cfg.max_latency_ms / 1000.0, self.accounting.metrics.batch_size.observe
+        )
+        self.batcher.start()
+        self._ready = True
+        logger.info(
+            "ready: %s v%s (%s, quantization=%s, device=%s) loaded in %.1fs, %d warm-up runs in %.1fs",
+            self.settings.model_name,
+            self.settings.model_version,
+            self.settings.role,
+            model.quantization,
+            model.device,
+            loaded - started,
+            cfg.warmup_requests,
+            time.perf_counter() - loaded,
+        )
+
+    @bentoml.api
+    async def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        user_id: str | None = None,
+    ) -> GenerateResponse:
+        """Continue ``prompt``; concurrent calls are micro-batched. 422 names the field over a limit."""
+        record = _current_record("generate")
+        req = GenerateRequest(prompt, max_new_tokens, temperature, top_p, seed, tuple(stop or ()), user_id)
+        refused = self._admit(record, req)
+        if refused is not None:
+            return refused  # type: ignore[return-value]  # BentoML passes Responses through as is
+        assert self.batcher is not None
+        try:
+            gen = await self.batcher.submit(req)
+        except Exception as exc:
+            return _server_error(record, exc)  # type: ignore[return-value]
+        record.succeed(gen, self.settings.log_text)
+        body = GenerateResponse(
+            text=gen.text,
+            prompt_tokens=gen.prompt_tokens,
+            output_tokens=gen.output_tokens,
+            latency_ms=round(record.latency_ms(), 3),
+            model_version=self.settings.model_version,
+            request_id=record.request_id,
+            finish_reason=gen.finish_reason,
+        )
+        return JSONResponse(body.model_dump())  # type: ignore[return-value]
+
+    @bentoml.api
+    async def generate_stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        user_id: str | None = None,
+    ) -> str:
+        """Stream the continuation of ``prompt`` as text/plain chunks (one per decoded token or so).
+
+        Returns a starlette Response (BentoML passes it through) instead of being an async generator,
+        so that refusals get a real 422 and a failure before the first token a real 500. A failure
+        after the first chunk aborts the connection (the client sees an incomplete body), rather than
+        ending the stream cleanly the way BentoML's own streaming does (io_models.py swallows it).
+        """
+        record = _current_record("generate_stream")
+        req = GenerateRequest(prompt, max_new_tokens, temperature, top_p, seed, tuple(stop or ()), user_id)
+        refused = self._admit(record, req)
+        if refused is not None:
+            return refused  # type: ignore[return-value]
+        assert self.model is not None
+        stream = self.model.stream(
+            req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.seed, list(req.stop)
+        )
+        chunks = iter(stream)
+        try:
+            first = await asyncio.to_thread(next, chunks, None)
+        except BaseException as exc:
+            stream.cancel()
+            if isinstance(exc, Exception):
+                return _server_error(record, exc)  # type: ignore[return-value]
+            raise
+        body = _stream_body(stream, chunks, first, record, self.settings.log_text)
+        return StreamingResponse(body, media_type="text/plain; charset=utf-8")  # type: ignore[return-value]
+
+    def _admit(self, record: RequestRecord, req: GenerateRequest) -> JSONResponse | None:
+        """None when the request may run; else the refusal (422 over a limit, 503 while not ready)."""
+        record.describe(req, self.settings.log_text)
+        problem = check_limits(req, self.settings.config)
+        if problem is not None:
+            record.reject(problem)
+            return _json_error(record, 422, record.error or "", field=problem.field)
+        if not self._ready:
+            reason = (
+                f"model failed to load: {self.load_error}" if self.load_error else "model is not ready yet"
+            )
+            record.fail(reason)
+            return _json_error(record, 503, reason)
+        return None
+
+
+async def _stream_body(
+    stream: TextStream, chunks: Any, first: str | None, record: RequestRecord, log_text: bool
+) -> AsyncIterator[str]:
+    try:
+        chunk = first
+        while chunk is not None:
+            yield chunk
+            chunk = await asyncio.to_thread(next, chunks, None)
+    except Exception as exc:
+        logger.exception("stream %s failed after it started", record.request_id)
+        record.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        # Non-blocking: a reader that went away must not keep the model busy (and locked).
+        stream.cancel()
+    if stream.generation is not None:
+        record.succeed(stream.generation, log_text)
+
+
+def _current_record(endpoint: Endpoint) -> RequestRecord:
+    """The middleware's record of this request (a fresh one when called without the middleware)."""
+    record = _CURRENT_RECORD.get()
+    if record is None:
+        record = RequestRecord(uuid.uuid4().hex, endpoint, time.perf_counter())
+    return record
+
+
+def _json_error(
+    record: RequestRecord, status_code: int, message: str, field: str | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {"error": message, "request_id": record.request_id}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status_code)
+
+
+def _server_error(record: RequestRecord, exc: Exception) -> JSONResponse:
+    logger.error("request %s failed", record.request_id, exc_info=exc)
+    record.fail(f"{type(exc).__name__}: {exc}")
+    return _json_error(record, 500, f"generation failed: {type(exc).__name__}: {exc}")
+
+
+LLMService.add_asgi_middleware(RequestAccounting, accounting=ACCOUNTING)
+
+__all__ = [
+    "ACCOUNTING",
+    "SETTINGS",
+    "Accounting",
+    "GenerateRequest",
+    "GenerateResponse",
+    "LLMService",
+    "MicroBatcher",
+    "Problem",
+    "RequestAccounting",
+    "ServiceConfig",
+    "ServiceSettings",
+    "batch_key",
+    "check_limits",
+]

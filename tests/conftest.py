@@ -1,0 +1,88 @@
+"""Shared fixtures: an isolated lockgate home (MLflow SQLite store, caches), a tiny model folder.
+
+Everything is real: MLflow runs on a SQLite store in a temp dir, Prefect runs flows against a
+temporary local API, BentoML serves on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="lockgate-test-"))
+# Set before any lockgate/MLflow/Prefect import reads them.
+os.environ.setdefault("LOCKGATE_HOME", str(_SESSION_HOME / "home"))
+os.environ.setdefault("LOCKGATE_REPORTS_DIR", str(_SESSION_HOME / "reports"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_HOME / 'home' / 'mlflow.db'}")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def lockgate_home() -> Path:
+    home = Path(os.environ["LOCKGATE_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tracking(lockgate_home: Path) -> str:
+    """MLflow pointed at the session's SQLite store."""
+    from tasks.settings import export_environment, get_settings
+    from tasks.tracking import configure_tracking
+
+    export_environment()
+    return configure_tracking("lockgate-tests", get_settings())
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random-weight Llama + a real BPE tokenizer: enough for serving and registry tests."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    lines = [f"Q: what is {a} plus {b}?\nA: {a + b}" for a in range(30) for b in range(10)]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    raw.train_from_iterator(lines, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llm"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """A temporary Prefect API for the whole session (real flow runs, real state)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

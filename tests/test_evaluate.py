@@ -1,0 +1,53 @@
+"""Evaluation maths with known answers: exact match, ECE, gate arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flows.spec import RelativeGate
+from tasks.evaluate import ModelMetrics, check_gate, check_gates, exact_match, expected_calibration_error
+
+
+def test_exact_match_takes_first_line_stripped() -> None:
+    assert exact_match(" 19\nQ: next", "19")
+    assert exact_match("19", " 19 ")
+    assert not exact_match(" 190", "19")
+    assert not exact_match("\n19", "19")
+
+
+def test_ece_known_answers() -> None:
+    # Perfectly calibrated: confidence 0.75 bin with 3/4 correct -> 0.
+    assert expected_calibration_error(np.array([0.75] * 4), np.array([1, 1, 1, 0.0])) == pytest.approx(0.0)
+    # Always 0.9 confident, always wrong -> 0.9.
+    assert expected_calibration_error(np.array([0.9] * 5), np.zeros(5)) == pytest.approx(0.9)
+    # Two bins, half the samples each: |1-0.95|*0.5 + |0-0.15|*0.5 = 0.1
+    conf = np.array([0.95, 0.95, 0.15, 0.15])
+    assert expected_calibration_error(conf, np.array([1, 1, 0, 0.0])) == pytest.approx(0.1)
+    assert expected_calibration_error(np.array([]), np.array([])) == 0.0
+
+
+def test_gate_bounds() -> None:
+    [rise] = check_gate("perplexity", RelativeGate(max_increase_pct=1.0), 10.0, 10.05)
+    assert rise.passed and rise.observed == pytest.approx(0.5)
+    [rise] = check_gate("perplexity", RelativeGate(max_increase_pct=1.0), 10.0, 10.2)
+    assert not rise.passed and rise.observed == pytest.approx(2.0)
+    [drop] = check_gate("accuracy", RelativeGate(max_drop_pct=5.0), 0.80, 0.78)
+    assert drop.passed and drop.observed == pytest.approx(2.5)
+    ratio, floor = check_gate("size_bytes", RelativeGate(max_ratio=0.5, min_ratio=0.1), 100.0, 30.0)
+    assert (ratio.rule, ratio.passed, floor.rule, floor.passed) == ("max_ratio", True, "min_ratio", True)
+    [zero] = check_gate("accuracy", RelativeGate(max_drop_pct=1.0), 0.0, 0.0)
+    assert zero.passed and zero.observed == 0.0
+    [from_zero] = check_gate("ece", RelativeGate(max_increase_pct=10.0), 0.0, 0.1)
+    assert not from_zero.passed and math.isinf(from_zero.observed)
+
+
+def test_check_gates_uses_named_metrics() -> None:
+    base = ModelMetrics(10.0, 0.8, 0.05, 10.0, 12.0, 13.0, 100.0, 1000)
+    cand = ModelMetrics(10.1, 0.8, 0.05, 9.0, 11.0, 12.0, 110.0, 300)
+    results = check_gates(base, cand, {"size_bytes": RelativeGate(max_ratio=0.5),
+                                       "latency_p95_ms": RelativeGate(max_increase_pct=0.0)})
+    assert [(r.metric, r.passed) for r in results] == [("size_bytes", True), ("latency_p95_ms", True)]
+    assert "size_bytes max_ratio 0.5: observed 0.3" in results[0].message
