@@ -14,12 +14,12 @@ from mlflow.pyfunc import PythonModel
 
 
 class LockgateLLM(PythonModel):
-    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's PythonModelContext
+    def load_context(self, context) -> None:
         from bentos.runtime import load_model
 
         self._lm = load_model(Path(context.artifacts["model"]))
 
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:  # noqa: ANN001
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         prompts = list(model_input)
         budget = int((params or {}).get("max_new_tokens", 16))
         return [g.text for g in self._lm.generate([str(p) for p in prompts], max_new_tokens=budget)]

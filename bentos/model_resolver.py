@@ -36,7 +36,9 @@ def pin_version(uri: str) -> PinnedVersion:
 
     match = _REGISTRY_URI.match(uri)
     if not match:
-        raise ModelResolveError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS")
+        raise ModelResolveError(
+            f"{uri}: expected models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS"
+        )
     name, ref, alias = match["name"], match["ref"], match["alias"]
     client = MlflowClient()
     try:

@@ -15,8 +15,11 @@ import typer
 
 from tasks.errors import LockgateError, SpecError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Declarative LLM releases: "
-                  "compress -> evaluate -> package -> canary -> monitor.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Declarative LLM releases: compress -> evaluate -> package -> canary -> monitor.",
+)
 
 SpecFile = Annotated[Path, typer.Option("--file", "-f", help="The spec file.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -47,7 +50,9 @@ def validate(file: SpecFile = Path("pipelines.yaml"), as_json: JsonOut = False) 
                 typer.echo(problem, err=True)
         raise typer.Exit(exc.exit_code) from None
     names = list(spec.pipelines)
-    typer.echo(json.dumps({"valid": True, "pipelines": names}) if as_json else f"{file}: ok ({', '.join(names)})")
+    typer.echo(
+        json.dumps({"valid": True, "pipelines": names}) if as_json else f"{file}: ok ({', '.join(names)})"
+    )
 
 
 @app.command()
@@ -90,10 +95,17 @@ def run(
     except LockgateError as exc:
         raise _fail(exc, verbose) from None
     if as_json:
-        typer.echo(json.dumps({
-            "pipeline": summary.pipeline, "outcome": summary.outcome, "mlflow_run_id": summary.mlflow_run_id,
-            "prefect_flow_run_id": summary.prefect_flow_run_id, "elapsed_s": summary.elapsed_s,
-        }))
+        typer.echo(
+            json.dumps(
+                {
+                    "pipeline": summary.pipeline,
+                    "outcome": summary.outcome,
+                    "mlflow_run_id": summary.mlflow_run_id,
+                    "prefect_flow_run_id": summary.prefect_flow_run_id,
+                    "elapsed_s": summary.elapsed_s,
+                }
+            )
+        )
     else:
         typer.echo(render_summary(summary))
     if summary.outcome in {"rejected", "rolled_back"}:
@@ -123,10 +135,15 @@ def status(
     try:
         for name in names:
             report[name] = [
-                {"version": v.version, "stage": v.stage, "aliases": list(v.aliases),
-                 "decision": v.tags.get(registry.TAG_DECISION, ""), "reason": v.tags.get(registry.TAG_REASON, ""),
-                 "candidate": v.tags.get(registry.TAG_CANDIDATE, v.tags.get("lockgate.role", "")),
-                 "created": datetime.fromtimestamp(v.created_ms / 1000, UTC).isoformat(timespec="seconds")}
+                {
+                    "version": v.version,
+                    "stage": v.stage,
+                    "aliases": list(v.aliases),
+                    "decision": v.tags.get(registry.TAG_DECISION, ""),
+                    "reason": v.tags.get(registry.TAG_REASON, ""),
+                    "candidate": v.tags.get(registry.TAG_CANDIDATE, v.tags.get("lockgate.role", "")),
+                    "created": datetime.fromtimestamp(v.created_ms / 1000, UTC).isoformat(timespec="seconds"),
+                }
                 for v in registry.list_versions(name)
             ]
     except LockgateError as exc:
@@ -140,8 +157,10 @@ def status(
         typer.echo(f"{name}")
         for v in versions:
             aliases = f" @{','.join(v['aliases'])}" if v["aliases"] else ""
-            typer.echo(f"  v{v['version']:<4} {v['stage']:<10} {v['candidate']:<10} {v['decision']:<12}"
-                       f"{aliases}  {v['reason'][:80]}")
+            typer.echo(
+                f"  v{v['version']:<4} {v['stage']:<10} {v['candidate']:<10} {v['decision']:<12}"
+                f"{aliases}  {v['reason'][:80]}"
+            )
 
 
 @app.command()
@@ -173,8 +192,18 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
     export_environment()
     settings = get_settings()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri,
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if settings.tracking_uri.startswith("sqlite:"):
         command += ["--default-artifact-root", settings.artifact_root]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")

@@ -75,17 +75,29 @@ def release_flow(spec_path: str, pipeline: str | None = None) -> ReleaseSummary:
     experiment_id = configure_tracking(spec.tracking.experiment, settings)
     flow_run_id = str(flow_run.get_id() or "")
     trigger = f"prefect-flow-run:{flow_run_id}" if flow_run_id else "lockgate"
-    with mlflow.start_run(run_name=_release_name(name), tags={
-        "lockgate.pipeline": name, "prefect.flow_run_id": flow_run_id, "lockgate.spec_file": str(spec_file),
-    }) as run:
+    with mlflow.start_run(
+        run_name=_release_name(name),
+        tags={
+            "lockgate.pipeline": name,
+            "prefect.flow_run_id": flow_run_id,
+            "lockgate.spec_file": str(spec_file),
+        },
+    ) as run:
         run_id = run.info.run_id
         logger.info("MLflow run %s (%s)", run_id, run_url(run_id, experiment_id))
         resolved = resolved_spec(spec)
         mlflow.log_dict(resolved, "spec/resolved.json")
         mlflow.log_artifact(str(spec_file), "spec")
         mlflow.log_params(_flatten("", resolved, {}))
-        summary = ReleaseSummary(name, spec.tracking.registered_model, "rejected", run_id,
-                                 run_url(run_id, experiment_id), flow_run_id, 0.0)
+        summary = ReleaseSummary(
+            name,
+            spec.tracking.registered_model,
+            "rejected",
+            run_id,
+            run_url(run_id, experiment_id),
+            flow_run_id,
+            0.0,
+        )
         _run_stages(name, spec, spec_file.parent, run_id, trigger, started, summary)
         summary.elapsed_s = time.time() - started
         mlflow.set_tag("lockgate.outcome", summary.outcome)
@@ -95,7 +107,12 @@ def release_flow(spec_path: str, pipeline: str | None = None) -> ReleaseSummary:
 
 
 def _run_stages(
-    name: str, spec: PipelineSpec, base_dir: Path, run_id: str, trigger: str, started: float,
+    name: str,
+    spec: PipelineSpec,
+    base_dir: Path,
+    run_id: str,
+    trigger: str,
+    started: float,
     summary: ReleaseSummary,
 ) -> None:
     settings = get_settings()
@@ -103,10 +120,13 @@ def _run_stages(
     work = settings.home / "runs" / run_id
     data = validate_datasets(spec.data, base_dir, run_id)
     parent = prepare_parent(spec.model, settings.cache_dir, run_id, settings.demo_train_steps)
-    futures = [compress_task.submit(parent.folder, c, work / "candidates", run_id) for c in spec.compress.candidates]
+    futures = [
+        compress_task.submit(parent.folder, c, work / "candidates", run_id) for c in spec.compress.candidates
+    ]
     compressed = [f.result() for f in futures]
     evaluations = [
-        evaluate_task(parent.folder, c.folder, c.candidate, data.eval, spec.evaluate, run_id) for c in compressed
+        evaluate_task(parent.folder, c.folder, c.candidate, data.eval, spec.evaluate, run_id)
+        for c in compressed
     ]
     summary.compressed = {c.candidate: c for c in compressed}
     summary.candidates = {c.candidate: e for c, e in zip(compressed, evaluations, strict=True)}
@@ -125,8 +145,15 @@ def _run_stages(
     request_log.parent.mkdir(parents=True, exist_ok=True)
     canary_started = time.time()
     summary.canary = canary_task(
-        bento.tag, registration.production, registration.staged, data.eval["prompt"].astype(str).tolist(),
-        spec.canary, request_log, work / "service-logs", run_id, trigger,
+        bento.tag,
+        registration.production,
+        registration.staged,
+        data.eval["prompt"].astype(str).tolist(),
+        spec.canary,
+        request_log,
+        work / "service-logs",
+        run_id,
+        trigger,
     )
     if summary.canary.decision == "rollback":
         summary.outcome = "rolled_back"
@@ -134,6 +161,11 @@ def _run_stages(
         summary.outcome = "promoted"
     report_dir = settings.reports_dir / name / run_id
     summary.drift = monitor_task(
-        request_log, canary_started, data.reference["prompt"].astype(str).tolist(), parent.folder,
-        spec.monitor, report_dir, run_id,
+        request_log,
+        canary_started,
+        data.reference["prompt"].astype(str).tolist(),
+        parent.folder,
+        spec.monitor,
+        report_dir,
+        run_id,
     )

@@ -182,10 +182,16 @@ class ResourcesSpec(StrictModel):
     gpu: int = Field(0, ge=0, le=16, description="GPUs declared; the service falls back to CPU.")
     # coerce: `cpu: 2` in YAML is an int; it means the same as '2'.
     cpu: str = Field(
-        "1", pattern=r"^\d+(\.\d+)?m?$", coerce_numbers_to_str=True, description="CPU request, e.g. '2' or '500m'."
+        "1",
+        pattern=r"^\d+(\.\d+)?m?$",
+        coerce_numbers_to_str=True,
+        description="CPU request, e.g. '2' or '500m'.",
     )
     memory: str = Field(
-        "2Gi", pattern=r"^\d+(Ki|Mi|Gi|Ti)?$", coerce_numbers_to_str=True, description="Memory request, e.g. '4Gi'."
+        "2Gi",
+        pattern=r"^\d+(Ki|Mi|Gi|Ti)?$",
+        coerce_numbers_to_str=True,
+        description="Memory request, e.g. '4Gi'.",
     )
 
 

@@ -35,18 +35,24 @@ def render_summary(summary: ReleaseSummary) -> str:
     for name, evaluation in summary.candidates.items():
         base, cand = evaluation.baseline.as_dict(), evaluation.candidate.as_dict()
         rows = [["metric", "baseline", name, "change"]]
-        rows += [[m, fmt.format(base[m]), fmt.format(cand[m]), _change(base[m], cand[m])] for m, fmt in _METRICS]
+        rows += [
+            [m, fmt.format(base[m]), fmt.format(cand[m]), _change(base[m], cand[m])] for m, fmt in _METRICS
+        ]
         out.append(_table(rows))
         out.append("")
         gate_rows = [["gate", "threshold", "observed", "verdict"]]
-        gate_rows += [[f"{g.metric}.{g.rule}", f"{g.threshold:g}", f"{g.observed:.4g}", "pass" if g.passed else "FAIL"]
-                      for g in evaluation.gates]
+        gate_rows += [
+            [f"{g.metric}.{g.rule}", f"{g.threshold:g}", f"{g.observed:.4g}", "pass" if g.passed else "FAIL"]
+            for g in evaluation.gates
+        ]
         out.append(_table(gate_rows) if len(gate_rows) > 1 else "(no gates in the spec)")
         out.append("")
     reg = summary.registration
     if reg is not None:
         staged = f"v{reg.staged.version} ({reg.staged_candidate})" if reg.staged else "none"
-        out.append(f"registry   {summary.registered_model}: stable v{reg.production.version}, staged {staged}")
+        out.append(
+            f"registry   {summary.registered_model}: stable v{reg.production.version}, staged {staged}"
+        )
         for candidate, reason in reg.rejected.items():
             out.append(f"rejected   {candidate}: {reason}")
     if summary.bento_tag:
@@ -56,8 +62,10 @@ def render_summary(summary: ReleaseSummary) -> str:
         out.append(f"canary     {steps} -> {summary.canary.decision} ({summary.canary.reason})")
     if summary.drift is not None:
         where = f" -> {summary.drift.html_path}" if summary.drift.html_path else ""
-        out.append(f"monitor    {summary.drift.verdict} (drift share {summary.drift.drift_share:.2f}, "
-                   f"{summary.drift.current_rows} requests){where}")
+        out.append(
+            f"monitor    {summary.drift.verdict} (drift share {summary.drift.drift_share:.2f}, "
+            f"{summary.drift.current_rows} requests){where}"
+        )
     out.append(f"mlflow     {summary.mlflow_run_url}  (lockgate ui)")
     out.append(f"prefect    flow run {summary.prefect_flow_run_id}")
     return "\n".join(out)

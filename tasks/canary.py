@@ -92,9 +92,7 @@ class CanaryResult:
     reason: str
 
 
-def judge_step(
-    share: float, canary: list[Outcome], stable: list[Outcome], spec: CanarySpec
-) -> StepResult:
+def judge_step(share: float, canary: list[Outcome], stable: list[Outcome], spec: CanarySpec) -> StepResult:
     """Pass/fail of one step from the spec's thresholds."""
     from scipy.stats import mannwhitneyu
 
@@ -102,7 +100,9 @@ def judge_step(
     t = spec.thresholds
     reasons: list[str] = []
     if c.requests < spec.min_canary_requests:
-        reasons.append(f"only {c.requests} canary requests (< min_canary_requests {spec.min_canary_requests})")
+        reasons.append(
+            f"only {c.requests} canary requests (< min_canary_requests {spec.min_canary_requests})"
+        )
     elif c.success_rate < t.min_success_rate:
         reasons.append(f"canary success rate {c.success_rate:.3f} < {t.min_success_rate}")
     if s.requests and c.requests and c.error_rate - s.error_rate > t.max_error_rate_increase:
@@ -133,7 +133,9 @@ class ReplayTraffic:
         return f"user-{i % self.users}", self.prompts[i % len(self.prompts)]
 
 
-def send(client: httpx.Client, url: str, target: Target, prompt: str, user_id: str, max_new_tokens: int) -> Outcome:
+def send(
+    client: httpx.Client, url: str, target: Target, prompt: str, user_id: str, max_new_tokens: int
+) -> Outcome:
     """One request; any transport error or non-2xx counts as a failed request, never raised."""
     started = time.perf_counter()
     try:
@@ -165,9 +167,15 @@ def run_canary(stable_url: str, canary_url: str, prompts: list[str], spec: Canar
             step = judge_step(share, canary_window, stable_seen, spec)
             results.append(step)
             log.info(
-                "canary step %g%%: canary %d req (success %.3f, p95 %.1f ms), stable %d req (p95 %.1f ms) -> %s",
-                share, step.canary.requests, step.canary.success_rate, step.canary.latency_p95_ms,
-                step.stable.requests, step.stable.latency_p95_ms, "pass" if step.passed else "FAIL",
+                "canary step %g%%: canary %d req (success %.3f, p95 %.1f ms), "
+                "stable %d req (p95 %.1f ms) -> %s",
+                share,
+                step.canary.requests,
+                step.canary.success_rate,
+                step.canary.latency_p95_ms,
+                step.stable.requests,
+                step.stable.latency_p95_ms,
+                "pass" if step.passed else "FAIL",
             )
             if not step.passed:
                 reason = f"step {share:g}%: " + "; ".join(step.reasons)
@@ -192,26 +200,41 @@ def canary_task(
     import mlflow
 
     with stage_run(parent_run_id, "canary"):
-        mlflow.log_params({"steps": ",".join(f"{s:g}" for s in spec.steps), "stable_version": stable.version,
-                           "candidate_version": candidate.version})
+        mlflow.log_params(
+            {
+                "steps": ",".join(f"{s:g}" for s in spec.steps),
+                "stable_version": stable.version,
+                "candidate_version": candidate.version,
+            }
+        )
         # Two services share this machine: split its cores between them.
         threads = max(1, (os.cpu_count() or 2) // 2)
-        common = {"target": bento_tag, "request_log": request_log, "log_dir": log_dir, "torch_threads": threads}
-        stable_service, canary_service = start_services([
-            {**common, "role": "stable", "model_uri": stable.uri},
-            {**common, "role": "canary", "model_uri": candidate.uri},
-        ])
+        common = {
+            "target": bento_tag,
+            "request_log": request_log,
+            "log_dir": log_dir,
+            "torch_threads": threads,
+        }
+        stable_service, canary_service = start_services(
+            [
+                {**common, "role": "stable", "model_uri": stable.uri},
+                {**common, "role": "canary", "model_uri": candidate.uri},
+            ]
+        )
         with stable_service, canary_service:
             result = run_canary(stable_service.url, canary_service.url, prompts, spec)
         for index, step in enumerate(result.steps):
-            mlflow.log_metrics({
-                "share": step.share,
-                "canary_requests": step.canary.requests,
-                "canary_success_rate": step.canary.success_rate,
-                "canary_latency_p95_ms": step.canary.latency_p95_ms,
-                "stable_latency_p95_ms": step.stable.latency_p95_ms,
-                "latency_mannwhitney_p": step.latency_p_value,
-            }, step=index)
+            mlflow.log_metrics(
+                {
+                    "share": step.share,
+                    "canary_requests": step.canary.requests,
+                    "canary_success_rate": step.canary.success_rate,
+                    "canary_latency_p95_ms": step.canary.latency_p95_ms,
+                    "stable_latency_p95_ms": step.stable.latency_p95_ms,
+                    "latency_mannwhitney_p": step.latency_p_value,
+                },
+                step=index,
+            )
         mlflow.log_dict(_decision_record(result, stable, candidate), "decision.json")
         mlflow.set_tag("lockgate.decision", result.decision)
         if result.decision == "promote" and spec.promote:

@@ -119,7 +119,9 @@ def apply_quantize(parent: Path, out: Path, step: QuantizeStep) -> tuple[list[st
     reference = AutoModelForCausalLM.from_pretrained(parent)
     quantized, kept = split_layers(_linear_names(reference), step.ignore)
     if not quantized:
-        raise StageFailed("compress", f"quantize.ignore {list(step.ignore)} leaves no Linear layer to quantize")
+        raise StageFailed(
+            "compress", f"quantize.ignore {list(step.ignore)} leaves no Linear layer to quantize"
+        )
     errors = _layer_errors(reference, quantized, step.bits)
     del reference
     if step.backend == "torchao":
@@ -168,14 +170,20 @@ def compress_candidate(parent: Path, candidate: CandidateSpec, out_root: Path) -
     )
     log.info(
         "candidate %s: %d layers quantized, %d kept; weights %.2f MB -> %.2f MB (x%.2f)",
-        candidate.name, len(quantized), len(kept), result.parent_size_bytes / 1e6,
-        result.size_bytes / 1e6, result.size_ratio,
+        candidate.name,
+        len(quantized),
+        len(kept),
+        result.parent_size_bytes / 1e6,
+        result.size_bytes / 1e6,
+        result.size_ratio,
     )
     return result
 
 
 @task(name="compress", task_run_name="compress-{candidate.name}")
-def compress_task(parent: Path, candidate: CandidateSpec, out_root: Path, parent_run_id: str | None) -> CompressedModel:
+def compress_task(
+    parent: Path, candidate: CandidateSpec, out_root: Path, parent_run_id: str | None
+) -> CompressedModel:
     """One candidate in its own nested MLflow run: resolved recipe, per-layer report, size."""
     import mlflow
 
@@ -183,11 +191,15 @@ def compress_task(parent: Path, candidate: CandidateSpec, out_root: Path, parent
         result = compress_candidate(parent, candidate, out_root)
         mlflow.log_dict({"steps": [s.model_dump(mode="json") for s in candidate.steps]}, "recipe.json")
         mlflow.log_artifact(str(result.folder / "lockgate_compress.json"))
-        mlflow.log_metrics({
-            "size_bytes": result.size_bytes,
-            "parent_size_bytes": result.parent_size_bytes,
-            "size_ratio": result.size_ratio,
-            "layers_quantized": len(result.quantized_layers),
-            "max_layer_error_over_bound": max((e.max_abs_error / e.bound for e in result.layer_errors), default=0.0),
-        })
+        mlflow.log_metrics(
+            {
+                "size_bytes": result.size_bytes,
+                "parent_size_bytes": result.parent_size_bytes,
+                "size_ratio": result.size_ratio,
+                "layers_quantized": len(result.quantized_layers),
+                "max_layer_error_over_bound": max(
+                    (e.max_abs_error / e.bound for e in result.layer_errors), default=0.0
+                ),
+            }
+        )
     return result

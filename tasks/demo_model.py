@@ -139,7 +139,6 @@ def ensure_demo_model(cache_dir: Path, train_steps: int | None = None) -> Path:
 # ------------------------------------------------------------------------------------- training
 def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | None) -> None:
     """Train everything into ``out``; ``final`` is where it will live (for the adapter's base path)."""
-    import torch
 
     pre_steps = hp.pretrain_steps if train_steps is None else train_steps
     # Keep post-training proportional (300 LoRA steps per 1,200 pre-training steps) so a quick
@@ -161,10 +160,15 @@ def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | 
         log.info("demo model: %d parameters; pre-training %d steps", n_params, pre_steps)
         pre_losses = _fit(
             model,
-            _packed_batches(_encode_documents(tokenizer, docs), hp.pretrain_batch, hp.pretrain_seq_len, hp.seed),
+            _packed_batches(
+                _encode_documents(tokenizer, docs), hp.pretrain_batch, hp.pretrain_seq_len, hp.seed
+            ),
             [p for p in model.parameters() if p.requires_grad],
-            steps=pre_steps, lr=hp.pretrain_lr, warmup=min(hp.warmup_steps, pre_steps // 10),
-            weight_decay=hp.weight_decay, phase="pre-train",
+            steps=pre_steps,
+            lr=hp.pretrain_lr,
+            warmup=min(hp.warmup_steps, pre_steps // 10),
+            weight_decay=hp.weight_decay,
+            phase="pre-train",
         )
         timings["pretrain"] = time.perf_counter() - t0
 
@@ -183,7 +187,10 @@ def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | 
             peft_model,
             _batches(ids, prompt_lens, hp.lora_batch, tokenizer.pad_token_id, hp.seed + 1),
             [p for p in peft_model.parameters() if p.requires_grad],
-            steps=lora_steps, lr=hp.lora_lr, warmup=min(20, lora_steps // 10), weight_decay=0.0,
+            steps=lora_steps,
+            lr=hp.lora_lr,
+            warmup=min(20, lora_steps // 10),
+            weight_decay=0.0,
             phase="lora",
         )
         timings["lora"] = time.perf_counter() - t0

@@ -93,7 +93,9 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(total)
 
 
-def _teacher_forced(lm: LoadedModel, prompts: list[str], answers: list[str]) -> tuple[float, np.ndarray, np.ndarray]:
+def _teacher_forced(
+    lm: LoadedModel, prompts: list[str], answers: list[str]
+) -> tuple[float, np.ndarray, np.ndarray]:
     """Perplexity of ``prompt + ' ' + answer`` and first-answer-token (confidence, correct)."""
     import torch
 
@@ -158,19 +160,23 @@ def _interleaved_latency(
     stats = []
     for lat, count in zip(latencies, tokens, strict=True):
         ms = np.array(lat) * 1000
-        stats.append({
-            "latency_p50_ms": float(np.percentile(ms, 50)),
-            "latency_p95_ms": float(np.percentile(ms, 95)),
-            "latency_p99_ms": float(np.percentile(ms, 99)),
-            "tokens_per_s": count / max(sum(lat), 1e-9),
-        })
+        stats.append(
+            {
+                "latency_p50_ms": float(np.percentile(ms, 50)),
+                "latency_p95_ms": float(np.percentile(ms, 95)),
+                "latency_p99_ms": float(np.percentile(ms, 99)),
+                "tokens_per_s": count / max(sum(lat), 1e-9),
+            }
+        )
     return stats
 
 
 def check_gate(metric: str, gate: RelativeGate, baseline: float, candidate: float) -> list[GateResult]:
     """Every bound of one gate, as separate results (a gate may carry several bounds)."""
-    change_pct = 0.0 if baseline == candidate else (
-        (candidate - baseline) / abs(baseline) * 100 if baseline else math.inf
+    change_pct = (
+        0.0
+        if baseline == candidate
+        else ((candidate - baseline) / abs(baseline) * 100 if baseline else math.inf)
     )
     ratio = 1.0 if baseline == candidate else (candidate / baseline if baseline else math.inf)
     rules = [
@@ -186,12 +192,18 @@ def check_gate(metric: str, gate: RelativeGate, baseline: float, candidate: floa
     ]
 
 
-def check_gates(baseline: ModelMetrics, candidate: ModelMetrics, gates: dict[str, RelativeGate]) -> tuple[GateResult, ...]:
+def check_gates(
+    baseline: ModelMetrics, candidate: ModelMetrics, gates: dict[str, RelativeGate]
+) -> tuple[GateResult, ...]:
     base, cand = baseline.as_dict(), candidate.as_dict()
-    return tuple(r for metric, gate in gates.items() for r in check_gate(metric, gate, base[metric], cand[metric]))
+    return tuple(
+        r for metric, gate in gates.items() for r in check_gate(metric, gate, base[metric], cand[metric])
+    )
 
 
-def evaluate_pair(baseline_dir: Path, candidate_dir: Path, frame: pd.DataFrame, spec: EvaluateSpec) -> Evaluation:
+def evaluate_pair(
+    baseline_dir: Path, candidate_dir: Path, frame: pd.DataFrame, spec: EvaluateSpec
+) -> Evaluation:
     """Both models on the same rows; gates compare candidate with baseline."""
     frame = frame.head(spec.max_samples).reset_index(drop=True)
     models = [load_model(baseline_dir), load_model(candidate_dir)]
@@ -206,14 +218,20 @@ def evaluate_pair(baseline_dir: Path, candidate_dir: Path, frame: pd.DataFrame, 
         ModelMetrics(**q, **s, size_bytes=weights_size_bytes(folder))
         for q, s, folder in zip(quality, speed, [baseline_dir, candidate_dir], strict=True)
     ]
-    table = pd.DataFrame({
-        "prompt": frame["prompt"],
-        "answer": frame["answer"],
-        "baseline_output": outputs[0],
-        "candidate_output": outputs[1],
-    })
-    table["baseline_correct"] = [exact_match(o, a) for o, a in zip(table.baseline_output, table.answer, strict=True)]
-    table["candidate_correct"] = [exact_match(o, a) for o, a in zip(table.candidate_output, table.answer, strict=True)]
+    table = pd.DataFrame(
+        {
+            "prompt": frame["prompt"],
+            "answer": frame["answer"],
+            "baseline_output": outputs[0],
+            "candidate_output": outputs[1],
+        }
+    )
+    table["baseline_correct"] = [
+        exact_match(o, a) for o, a in zip(table.baseline_output, table.answer, strict=True)
+    ]
+    table["candidate_correct"] = [
+        exact_match(o, a) for o, a in zip(table.candidate_output, table.answer, strict=True)
+    ]
     gates = check_gates(metrics[0], metrics[1], dict(spec.gates))
     for gate in gates:
         log.info("gate %s", gate.message)
@@ -222,7 +240,11 @@ def evaluate_pair(baseline_dir: Path, candidate_dir: Path, frame: pd.DataFrame, 
 
 @task(name="evaluate", task_run_name="evaluate-{candidate_name}")
 def evaluate_task(
-    baseline_dir: Path, candidate_dir: Path, candidate_name: str, frame: pd.DataFrame, spec: EvaluateSpec,
+    baseline_dir: Path,
+    candidate_dir: Path,
+    candidate_name: str,
+    frame: pd.DataFrame,
+    spec: EvaluateSpec,
     parent_run_id: str | None,
 ) -> Evaluation:
     """Evaluate in a nested MLflow run: both models' metrics, every gate verdict, the per-row table."""
@@ -233,7 +255,9 @@ def evaluate_task(
         mlflow.log_metrics({f"baseline_{k}": v for k, v in evaluation.baseline.as_dict().items()})
         mlflow.log_metrics({f"candidate_{k}": v for k, v in evaluation.candidate.as_dict().items()})
         mlflow.log_metrics({f"gate_{g.metric}_{g.rule}_passed": float(g.passed) for g in evaluation.gates})
-        mlflow.log_dict({"gates": [asdict(g) | {"message": g.message} for g in evaluation.gates]}, "gates.json")
+        mlflow.log_dict(
+            {"gates": [asdict(g) | {"message": g.message} for g in evaluation.gates]}, "gates.json"
+        )
         mlflow.log_table(evaluation.table, "evaluation_table.json")
         mlflow.set_tag("lockgate.gates", "passed" if evaluation.passed else "failed")
     return evaluation

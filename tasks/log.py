@@ -20,7 +20,9 @@ def configure(level: int | str = logging.INFO) -> None:
     root.setLevel(level)
     if not _configured:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
         root.addHandler(handler)
         root.propagate = False
         _configured = True

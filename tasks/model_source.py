@@ -67,7 +67,9 @@ def _download_hf(repo_id: str, revision: str | None, cache_dir: Path) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir / "hf")))
     except Exception as exc:  # the hub raises a zoo of types; re-raise one with the field named
-        raise ModelSourceError(f"model.source: cannot fetch {repo_id!r} from the Hugging Face hub: {exc}") from exc
+        raise ModelSourceError(
+            f"model.source: cannot fetch {repo_id!r} from the Hugging Face hub: {exc}"
+        ) from exc
 
 
 def _download_mlflow(uri: str, cache_dir: Path) -> Path:
@@ -140,19 +142,28 @@ def resolve_parent(spec: ModelSpec, cache_dir: Path, demo_train_steps: int | Non
         adapter_dir = _adapter_folder(spec.adapter, cache_dir)
         folder = merge_adapter(folder, adapter_dir, cache_dir / "merged", spec.dtype)
         adapter = str(adapter_dir)
-    return ParentModel(folder=folder, source=spec.source, kind=classify_source(spec.source), adapter_merged=adapter)
+    return ParentModel(
+        folder=folder, source=spec.source, kind=classify_source(spec.source), adapter_merged=adapter
+    )
 
 
 @task(name="prepare-parent")
-def prepare_parent(spec: ModelSpec, cache_dir: Path, parent_run_id: str | None,
-                   demo_train_steps: int | None = None) -> ParentModel:
+def prepare_parent(
+    spec: ModelSpec, cache_dir: Path, parent_run_id: str | None, demo_train_steps: int | None = None
+) -> ParentModel:
     """Resolve the parent model (training the demo model on first use) and record its lineage."""
     import mlflow
 
     with stage_run(parent_run_id, "prepare-parent"):
         parent = resolve_parent(spec, cache_dir, demo_train_steps)
-        mlflow.log_params({"source": parent.source, "source_kind": parent.kind, "folder": str(parent.folder),
-                           "adapter_merged": parent.adapter_merged or ""})
+        mlflow.log_params(
+            {
+                "source": parent.source,
+                "source_kind": parent.kind,
+                "folder": str(parent.folder),
+                "adapter_merged": parent.adapter_merged or "",
+            }
+        )
         demo_card = parent.folder / "lockgate_demo.json"
         if demo_card.is_file():
             mlflow.log_artifact(str(demo_card), "parent")

@@ -62,10 +62,12 @@ def reference_features(prompts: list[str], tokenizer_dir: Path) -> pd.DataFrame:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return pd.DataFrame({
-        "prompt_chars": [len(p) for p in prompts],
-        "prompt_tokens": [len(tokenizer(p)["input_ids"]) for p in prompts],
-    }).astype(float)
+    return pd.DataFrame(
+        {
+            "prompt_chars": [len(p) for p in prompts],
+            "prompt_tokens": [len(tokenizer(p)["input_ids"]) for p in prompts],
+        }
+    ).astype(float)
 
 
 def _parse(snapshot_dict: dict, threshold: float) -> tuple[float, int, tuple[ColumnDrift, ...]]:
@@ -78,7 +80,9 @@ def _parse(snapshot_dict: dict, threshold: float) -> tuple[float, int, tuple[Col
         elif kind == "ValueDrift":
             score = float(metric["value"])
             # K-S and friends report p-values: drift when p < threshold.
-            columns.append(ColumnDrift(config["column"], config["method"], score, threshold, score < threshold))
+            columns.append(
+                ColumnDrift(config["column"], config["method"], score, threshold, score < threshold)
+            )
     return share, count, tuple(columns)
 
 
@@ -107,8 +111,14 @@ def drift_report(
     share, count, column_results = _parse(snapshot.dict(), spec.drift.stattest_threshold)
     drifted = any(c.drifted for c in column_results) and share >= spec.drift.max_drift_share
     result = DriftResult(
-        "drift" if drifted else "no_drift", share, count, column_results,
-        len(current), len(reference), html_path, json_path,
+        "drift" if drifted else "no_drift",
+        share,
+        count,
+        column_results,
+        len(current),
+        len(reference),
+        html_path,
+        json_path,
     )
     (out_dir / "verdict.json").write_text(json.dumps(asdict(result), default=str, indent=2))
     log.info("monitor: verdict %s (drift share %.2f over %d requests)", result.verdict, share, len(current))
@@ -127,8 +137,13 @@ def served_traffic(request_log: Path, since: float | None) -> pd.DataFrame:
 
 @task(name="monitor")
 def monitor_task(
-    request_log: Path, since: float | None, reference_prompts: list[str], tokenizer_dir: Path,
-    spec: MonitorSpec, out_dir: Path, parent_run_id: str | None,
+    request_log: Path,
+    since: float | None,
+    reference_prompts: list[str],
+    tokenizer_dir: Path,
+    spec: MonitorSpec,
+    out_dir: Path,
+    parent_run_id: str | None,
 ) -> DriftResult:
     """Drift report in a nested MLflow run: HTML/JSON as artifacts, share and scores as metrics."""
     import mlflow

@@ -83,7 +83,15 @@ def build_bento(spec: PackageSpec, labels: dict[str, str], work_dir: Path) -> Bu
     env = {**os.environ, **export_environment(), "LOCKGATE_SERVICE_CONFIG": json.dumps(service_config(spec))}
     bentofile = _bentofile(spec, labels, work_dir)
     command = [
-        sys.executable, "-m", "bentoml", "build", str(REPO_ROOT), "-f", str(bentofile), "--output", "tag",
+        sys.executable,
+        "-m",
+        "bentoml",
+        "build",
+        str(REPO_ROOT),
+        "-f",
+        str(bentofile),
+        "--output",
+        "tag",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
@@ -95,7 +103,9 @@ def build_bento(spec: PackageSpec, labels: dict[str, str], work_dir: Path) -> Bu
 
 
 @task(name="package", retries=1, retry_delay_seconds=2)
-def package_task(spec: PackageSpec, labels: dict[str, str], work_dir: Path, parent_run_id: str | None) -> BuiltBento:
+def package_task(
+    spec: PackageSpec, labels: dict[str, str], work_dir: Path, parent_run_id: str | None
+) -> BuiltBento:
     """Build the bento in a nested MLflow run; retried once (pure I/O)."""
     import mlflow
 

@@ -56,17 +56,30 @@ def register_task(
 ) -> Registration:
     logger = run_logger(__name__)
     with stage_run(parent_run_id, "register"):
-        production = registry.version_in_stage(registered_model, "Production") if _exists(registered_model) else None
+        production = (
+            registry.version_in_stage(registered_model, "Production") if _exists(registered_model) else None
+        )
         if production is None:
-            production = registry.log_model_version(parent_folder, registered_model, {"lockgate.role": "baseline"})
-            registry.promote_first_production(production, "first release: uncompressed parent as stable", trigger)
-            logger.info("first release: baseline registered as %s v%s in Production", registered_model,
-                        production.version)
+            production = registry.log_model_version(
+                parent_folder, registered_model, {"lockgate.role": "baseline"}
+            )
+            registry.promote_first_production(
+                production, "first release: uncompressed parent as stable", trigger
+            )
+            logger.info(
+                "first release: baseline registered as %s v%s in Production",
+                registered_model,
+                production.version,
+            )
         names = [c.candidate for c in compressed]
         versions: dict[str, ModelVersionRef] = {}
         rejected: dict[str, str] = {}
         for model, evaluation in zip(compressed, evaluations, strict=True):
-            tags = {"lockgate.role": "candidate", registry.TAG_CANDIDATE: model.candidate, **_evaluation_tags(evaluation)}
+            tags = {
+                "lockgate.role": "candidate",
+                registry.TAG_CANDIDATE: model.candidate,
+                **_evaluation_tags(evaluation),
+            }
             ref = registry.log_model_version(model.folder, registered_model, tags)
             versions[model.candidate] = ref
             if not evaluation.passed:
@@ -78,7 +91,9 @@ def register_task(
         staged = None
         if chosen is not None:
             staged = versions[chosen]
-            registry.stage_candidate(staged, f"passed every gate; lowest p95 latency among {len(names)}", trigger)
+            registry.stage_candidate(
+                staged, f"passed every gate; lowest p95 latency among {len(names)}", trigger
+            )
             logger.info("candidate %s staged as %s v%s", chosen, registered_model, staged.version)
     return Registration(production, staged, chosen, rejected, versions)
 

@@ -53,7 +53,7 @@ class VersionInfo:
     created_ms: int
 
 
-def _client():  # noqa: ANN202 - MlflowClient, imported lazily to keep the CLI fast
+def _client():
     from mlflow import MlflowClient
 
     return MlflowClient()
@@ -109,7 +109,9 @@ def version_in_stage(name: str, stage: str) -> ModelVersionRef | None:
 
 def _transition(ref: ModelVersionRef, stage: str) -> None:
     with _quiet():
-        _client().transition_model_version_stage(ref.name, ref.version, stage, archive_existing_versions=False)
+        _client().transition_model_version_stage(
+            ref.name, ref.version, stage, archive_existing_versions=False
+        )
 
 
 def _set_alias(name: str, alias: str, version: str | None) -> None:
@@ -170,7 +172,9 @@ def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> Mod
         _transition(old, "Archived")
         _decide(old, "replaced", f"replaced in Production by v{ref.version}", trigger)
     _decide(ref, "promoted", reason, trigger)
-    log.info("promoted %s v%s to Production (previous: %s)", ref.name, ref.version, old.version if old else "-")
+    log.info(
+        "promoted %s v%s to Production (previous: %s)", ref.name, ref.version, old.version if old else "-"
+    )
     return old
 
 
@@ -183,7 +187,9 @@ def roll_back_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockg
     log.warning("rolled back candidate %s v%s: %s", ref.name, ref.version, reason)
 
 
-def roll_back_production(name: str, reason: str, trigger: str = "lockgate") -> tuple[ModelVersionRef, ModelVersionRef]:
+def roll_back_production(
+    name: str, reason: str, trigger: str = "lockgate"
+) -> tuple[ModelVersionRef, ModelVersionRef]:
     """Production goes back to the version it replaced. Returns (restored, demoted)."""
     current = version_in_stage(name, "Production")
     if current is None:

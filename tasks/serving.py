@@ -78,7 +78,11 @@ def launch_service(
         "LOCKGATE_SERVICE_ROLE": role,
         "LOCKGATE_REQUEST_LOG": str(request_log.resolve()),
         "LOCKGATE_MODEL_CACHE": str((settings.cache_dir / "registry").resolve()),
-        **({"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)} if torch_threads else {}),
+        **(
+            {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)}
+            if torch_threads
+            else {}
+        ),
         **(extra_env or {}),
     }
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +90,11 @@ def launch_service(
     command = [sys.executable, "-m", "bentoml", "serve", target, "--host", settings.host, "--port", str(port)]
     with log_path.open("w") as sink:
         process = subprocess.Popen(
-            command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
+            command,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
             start_new_session=True,  # its own process group, so stop() reaches bentoml's workers too
         )
     return ServiceProcess(role, f"http://{settings.host}:{port}", process, log_path, env)
@@ -115,12 +123,19 @@ def wait_ready(service: ServiceProcess, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise StageFailed(
-                "canary", f"{service.role} service exited with {service.process.returncode}: {service.log_tail()}"
+                "canary",
+                f"{service.role} service exited with {service.process.returncode}: {service.log_tail()}",
             )
         try:
             if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
                 return
+            # /livez turns 503 when the model failed to load: fail now instead of waiting out the timeout.
+            alive = httpx.get(f"{service.url}/livez", timeout=2)
+            if alive.status_code == 503:
+                raise StageFailed("canary", f"{service.role} service cannot serve: {alive.text[:1000]}")
         except httpx.TransportError:
-            pass
+            pass  # not listening yet
         time.sleep(0.5)
-    raise StageFailed("canary", f"{service.role} service not ready after {timeout_s:.0f}s: {service.log_tail()}")
+    raise StageFailed(
+        "canary", f"{service.role} service not ready after {timeout_s:.0f}s: {service.log_tail()}"
+    )

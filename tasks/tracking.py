@@ -42,8 +42,12 @@ def stage_run(parent_run_id: str | None, stage: str, **tags: str) -> Iterator[Ru
     import mlflow
 
     active = mlflow.active_run()
-    kwargs = {} if active is not None and active.info.run_id == parent_run_id else {"parent_run_id": parent_run_id}
-    with mlflow.start_run(run_name=stage, nested=True, tags={"lockgate.stage": stage, **tags}, **kwargs) as run:
+    kwargs = (
+        {} if active is not None and active.info.run_id == parent_run_id else {"parent_run_id": parent_run_id}
+    )
+    with mlflow.start_run(
+        run_name=stage, nested=True, tags={"lockgate.stage": stage, **tags}, **kwargs
+    ) as run:
         yield run
 
 

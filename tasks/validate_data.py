@@ -36,7 +36,9 @@ def _expectations(role: str, frame: pd.DataFrame, max_chars: int) -> list:
         if column in frame.columns:
             checks.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
             limit = max_chars if column == "prompt" else max(max_chars // 4, 1)
-            checks.append(gxe.ExpectColumnValueLengthsToBeBetween(column=column, min_value=1, max_value=limit))
+            checks.append(
+                gxe.ExpectColumnValueLengthsToBeBetween(column=column, min_value=1, max_value=limit)
+            )
     return checks
 
 
@@ -84,7 +86,9 @@ def validate_frame(role: str, frame: pd.DataFrame, max_chars: int) -> Validation
     if failures:
         raise DataValidationError(role, failures)
     stats = result["statistics"]
-    return ValidationReport(role, len(frame), stats["evaluated_expectations"], stats["successful_expectations"])
+    return ValidationReport(
+        role, len(frame), stats["evaluated_expectations"], stats["successful_expectations"]
+    )
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,9 @@ def validate_datasets(data: DataSpec, base_dir: Path, parent_run_id: str | None)
         for role in ("eval", "calibration", "reference"):
             frame = load_dataset(role, getattr(data, role), base_dir)
             report = validate_frame(role, frame, data.max_prompt_chars)
-            mlflow.log_metrics({f"{role}_rows": report.rows, f"{role}_expectations_passed": report.successful})
+            mlflow.log_metrics(
+                {f"{role}_rows": report.rows, f"{role}_expectations_passed": report.successful}
+            )
             frames[role] = frame
             reports.append(report)
     return ValidatedData(frames["eval"], frames["calibration"], frames["reference"], tuple(reports))

@@ -47,7 +47,10 @@ def test_gate_bounds() -> None:
 def test_check_gates_uses_named_metrics() -> None:
     base = ModelMetrics(10.0, 0.8, 0.05, 10.0, 12.0, 13.0, 100.0, 1000)
     cand = ModelMetrics(10.1, 0.8, 0.05, 9.0, 11.0, 12.0, 110.0, 300)
-    results = check_gates(base, cand, {"size_bytes": RelativeGate(max_ratio=0.5),
-                                       "latency_p95_ms": RelativeGate(max_increase_pct=0.0)})
+    results = check_gates(
+        base,
+        cand,
+        {"size_bytes": RelativeGate(max_ratio=0.5), "latency_p95_ms": RelativeGate(max_increase_pct=0.0)},
+    )
     assert [(r.metric, r.passed) for r in results] == [("size_bytes", True), ("latency_p95_ms", True)]
     assert "size_bytes max_ratio 0.5: observed 0.3" in results[0].message

@@ -69,7 +69,10 @@ def test_candidate_rollback_leaves_production_untouched(tiny_llm_dir: Path, mode
     assert (_stage(base), _stage(cand)) == ("Production", "Archived")
     assert registry.describe_version(cand).aliases == ()
     listed = registry.list_versions(model_name)
-    assert [(v.version, v.stage) for v in listed] == [(cand.version, "Archived"), (base.version, "Production")]
+    assert [(v.version, v.stage) for v in listed] == [
+        (cand.version, "Archived"),
+        (base.version, "Production"),
+    ]
     assert listed[1].aliases == (registry.PRODUCTION_ALIAS,)
 
 

@@ -25,8 +25,13 @@ pytestmark = pytest.mark.slow
 
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=REPO_ROOT, env=os.environ.copy(),
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO_ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -56,7 +61,15 @@ def test_default_pipeline_end_to_end_then_cli_rollback(tracking: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     out = done.stdout
     assert "release demo -> PROMOTED" in out
-    for needle in ("perplexity", "accuracy", "latency_p95_ms", "size_bytes", "size_bytes.max_ratio", "canary ", "monitor "):
+    for needle in (
+        "perplexity",
+        "accuracy",
+        "latency_p95_ms",
+        "size_bytes",
+        "size_bytes.max_ratio",
+        "canary ",
+        "monitor ",
+    ):
         assert needle in out
 
     # Registry: the first release put the baseline in Production; the INT8 candidate replaced it.
@@ -73,9 +86,21 @@ def test_default_pipeline_end_to_end_then_cli_rollback(tracking: str) -> None:
     parent = next(r for r in runs if r.data.tags.get("lockgate.pipeline") == "demo")
     assert parent.data.tags["prefect.flow_run_id"]
     assert parent.data.tags["lockgate.outcome"] == "promoted"
-    children = {r.data.tags.get("lockgate.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"validate-data", "prepare-parent", "compress-int8", "evaluate-int8", "register", "package",
-            "canary", "monitor"} <= children
+    children = {
+        r.data.tags.get("lockgate.stage")
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert {
+        "validate-data",
+        "prepare-parent",
+        "compress-int8",
+        "evaluate-int8",
+        "register",
+        "package",
+        "canary",
+        "monitor",
+    } <= children
     report_dir = Path(os.environ["LOCKGATE_REPORTS_DIR"]) / "demo" / parent.info.run_id
     verdict = json.loads((report_dir / "verdict.json").read_text())
     assert verdict["verdict"] in {"drift", "no_drift"}
@@ -88,10 +113,14 @@ def test_default_pipeline_end_to_end_then_cli_rollback(tracking: str) -> None:
     assert rolled.returncode == 0, rolled.stderr
     assert json.loads(rolled.stdout) == {"model": "lockgate-demo", "production": "1", "archived": "2"}
     assert _stages("lockgate-demo") == {"1": "Production", "2": "Archived"}
-    assert registry.describe_version(registry.ModelVersionRef("lockgate-demo", "1")).aliases == ("production",)
+    assert registry.describe_version(registry.ModelVersionRef("lockgate-demo", "1")).aliases == (
+        "production",
+    )
 
 
-def test_candidate_failing_a_gate_is_never_staged(tmp_path: Path, tracking: str, prefect_harness: None) -> None:
+def test_candidate_failing_a_gate_is_never_staged(
+    tmp_path: Path, tracking: str, prefect_harness: None
+) -> None:
     from flows.release import release_flow
 
     # No INT8 model is 5 % of its parent's size: the size gate must fail.
@@ -134,18 +163,36 @@ def test_faulty_candidate_is_rolled_back_and_production_keeps_serving(
         bento = build_bento(PackageSpec(service_name="faulty-test"), {"test": "faulty"}, tmp_path / "pkg")
         prompts = [f"Q: what is {i} plus 3?\nA:" for i in range(20)]
         spec = CanarySpec(steps=(5, 50, 100), min_canary_requests=5, users=100, max_new_tokens=3)
-        result = canary_task(bento.tag, stable, broken, prompts, spec, tmp_path / "requests.sqlite",
-                             tmp_path / "logs", run.info.run_id, "test")
+        result = canary_task(
+            bento.tag,
+            stable,
+            broken,
+            prompts,
+            spec,
+            tmp_path / "requests.sqlite",
+            tmp_path / "logs",
+            run.info.run_id,
+            "test",
+        )
     assert result.decision == "rollback"
     assert "success rate 0.000" in result.reason
     assert _stages(name) == {"1": "Production", "2": "Archived"}
     assert registry.describe_version(broken).tags[registry.TAG_DECISION] == "rolled_back"
 
     # Production is what a fresh replica serves, and it answers.
-    [service] = start_services([{
-        "target": bento.tag, "role": "stable", "model_uri": f"models:/{name}/Production",
-        "request_log": tmp_path / "after.sqlite", "log_dir": tmp_path / "logs",
-    }])
+    [service] = start_services(
+        [
+            {
+                "target": bento.tag,
+                "role": "stable",
+                "model_uri": f"models:/{name}/Production",
+                "request_log": tmp_path / "after.sqlite",
+                "log_dir": tmp_path / "logs",
+            }
+        ]
+    )
     with service:
-        response = httpx.post(f"{service.url}/generate", json={"prompt": prompts[0], "max_new_tokens": 3}, timeout=60)
+        response = httpx.post(
+            f"{service.url}/generate", json={"prompt": prompts[0], "max_new_tokens": 3}, timeout=60
+        )
     assert response.status_code == 200, response.text
