@@ -71,24 +71,15 @@ def run(
     verbose: Verbose = False,
 ) -> None:
     """Run the release flow of one pipeline (a Prefect flow run, tracked in MLflow)."""
-    from flows.spec_loader import load_spec
-
-    try:
-        pipeline, _ = load_spec(file).pipeline(pipeline)  # fail fast, before Prefect starts
-    except SpecError as exc:
-        for problem in exc.problems:
-            typer.echo(problem, err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyError as exc:
-        typer.echo(str(exc.args[0]), err=True)
-        raise typer.Exit(2) from None
-    from tasks.log import configure
+    pipeline = _pipeline_name(file, pipeline)  # fail fast, before Prefect starts
     from tasks.settings import export_environment
 
-    configure()
     export_environment()  # before prefect is imported: it reads PREFECT_HOME at import time
     from flows.release import release_flow
     from flows.summary import render_summary
+    from tasks.log import configure
+
+    configure()  # after prefect: its logging config already routes `lockgate` logs to the run logs
 
     try:
         summary = release_flow(str(file), pipeline)
@@ -110,6 +101,80 @@ def run(
         typer.echo(render_summary(summary))
     if summary.outcome in {"rejected", "rolled_back"}:
         raise typer.Exit(3)
+
+
+@app.command()
+def monitor(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+    as_json: JsonOut = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run the monitor flow once: drift of the last window of served traffic."""
+    pipeline = _pipeline_name(file, pipeline)
+    from tasks.settings import export_environment
+
+    export_environment()
+    from flows.monitor import monitor_flow
+    from tasks.log import configure
+
+    configure()
+    try:
+        result = monitor_flow(str(file), pipeline)
+    except LockgateError as exc:
+        raise _fail(exc, verbose) from None
+    payload = {
+        "verdict": result.verdict,
+        "drift_share": result.drift_share,
+        "rows": result.current_rows,
+        "html": str(result.html_path) if result.html_path else None,
+    }
+    typer.echo(json.dumps(payload) if as_json else " ".join(f"{k}={v}" for k, v in payload.items()))
+    if result.verdict == "drift":
+        raise typer.Exit(3)
+
+
+@app.command()
+def deploy(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+) -> None:
+    """Serve Prefect deployments: the release flow on demand, the monitor flow on the spec's cron.
+
+    Needs a Prefect server for schedules (`prefect server start`, then PREFECT_API_URL); blocks and
+    executes the runs the server hands it."""
+    from flows.spec_loader import load_spec
+
+    pipeline = _pipeline_name(file, pipeline)
+    spec = load_spec(file).pipelines[pipeline]
+    from tasks.settings import export_environment
+
+    export_environment()
+    from prefect import serve
+
+    from flows.monitor import monitor_flow
+    from flows.release import release_flow
+
+    params = {"spec_path": str(file.resolve()), "pipeline": pipeline}
+    serve(
+        release_flow.to_deployment(name=f"{pipeline}-release", parameters=params),
+        monitor_flow.to_deployment(name=f"{pipeline}-monitor", parameters=params, cron=spec.monitor.schedule),
+    )
+
+
+def _pipeline_name(file: Path, pipeline: str | None) -> str:
+    """The pipeline's name (the first when None); a bad spec or name exits 2 with every problem."""
+    from flows.spec_loader import load_spec
+
+    try:
+        return load_spec(file).pipeline(pipeline)[0]
+    except SpecError as exc:
+        for problem in exc.problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyError as exc:
+        typer.echo(str(exc.args[0]), err=True)
+        raise typer.Exit(2) from None
 
 
 def _tracking() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.monitor import request_log_path
 from flows.spec import PipelineSpec
 from flows.spec_loader import load_spec, resolved_spec
 from tasks.canary import CanaryResult, canary_task
@@ -141,7 +142,7 @@ def _run_stages(
     labels = {"pipeline": name, "registered_model": spec.tracking.registered_model}
     bento = package_task(spec.package, labels, work / "package", run_id)
     summary.bento_tag = bento.tag
-    request_log = settings.request_log_dir / f"{name}.sqlite"
+    request_log = request_log_path(name)
     request_log.parent.mkdir(parents=True, exist_ok=True)
     canary_started = time.time()
     summary.canary = canary_task(

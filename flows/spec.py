@@ -282,6 +282,9 @@ class MonitorSpec(StrictModel):
         description="Cron schedule of the monitor deployment (5 fields).",
     )
     min_rows: int = Field(20, ge=1, le=10_000_000, description="Fewer logged requests: no verdict.")
+    window_minutes: int = Field(
+        60, ge=1, le=525_600, description="The scheduled monitor looks at requests of this last window."
+    )
 
     @field_validator("schedule")
     @classmethod

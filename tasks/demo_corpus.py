@@ -127,17 +127,21 @@ def _sentence(rng: random.Random) -> str:
     return f"the {rng.choice(_NOUNS)} is {rng.choice(_ADJECTIVES)} and {rng.choice(_ADJECTIVES)}."
 
 
+#: Surface forms of an addition fact and their weights. Symbolic facts are the shortest (12 tokens)
+#: and teach the skill; the word forms put the answer at other offsets from the operands, so the
+#: model learns to find operands by content, which a small LoRA can then point at a question.
+EQUATION_FORMS: dict[str, float] = {
+    "{a} + {b} = {c}": 0.6,
+    "{a} plus {b} equals {c}.": 0.2,
+    "the sum of {a} and {b} is {c}.": 0.2,
+}
+
+
 def _equation(rng: random.Random, train_pairs: tuple[tuple[int, int], ...]) -> str:
-    """An addition fact over training pairs only, in one of the surface forms pre-training knows."""
+    """An addition fact over training-pool pairs, in one of ``EQUATION_FORMS``."""
     a, b = rng.choice(train_pairs)
-    form = rng.randrange(10)
-    # 80% symbolic, 20% in words: the words "plus"/"sum" then mean addition to the base model,
-    # which is what lets a small LoRA map the question format onto the skill.
-    if form < 8:
-        return f"{a} + {b} = {a + b}"
-    if form == 8:
-        return f"{a} plus {b} equals {a + b}."
-    return f"the sum of {a} and {b} is {a + b}."
+    form = rng.choices(list(EQUATION_FORMS), weights=list(EQUATION_FORMS.values()))[0]
+    return form.format(a=a, b=b, c=a + b)
 
 
 def _other_question(rng: random.Random) -> str:

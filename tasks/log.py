@@ -18,7 +18,7 @@ def configure(level: int | str = logging.INFO) -> None:
     global _configured
     root = logging.getLogger(_ROOT)
     root.setLevel(level)
-    if not _configured:
+    if not _configured and not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")

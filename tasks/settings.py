@@ -76,6 +76,8 @@ def export_environment(settings: Settings | None = None) -> dict[str, str]:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        # lockgate's own log lines go to the Prefect run logs (and so to the Prefect UI) too.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "lockgate",
     }
     # Prefect keeps its database and results under the lockgate home unless told otherwise; it reads
     # this at import time, so callers export the environment before importing prefect.

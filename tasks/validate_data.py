@@ -64,9 +64,11 @@ def _describe(result: dict) -> str:
 def validate_frame(role: str, frame: pd.DataFrame, max_chars: int) -> ValidationReport:
     """Run the role's expectation suite; raise :class:`DataValidationError` naming each failure."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    # GE logs every ephemeral docs-site folder it creates at INFO; set after import (it configures itself).
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -74,8 +74,11 @@ def test_operand_pools_are_disjoint_on_unordered_pairs() -> None:
     assert sum(len(pairs) for pairs in pools.values()) == 100 * 100
     # No eval pair appears as an addition fact in pre-training.
     eval_pairs = set(pools["eval"])
-    facts = [tuple(map(int, re.findall(r"\d+", line)[:2])) for line in pretrain_lines(3000, seed=0)
-             if re.fullmatch(r"\d+ \+ \d+ = \d+", line)]
+    facts = [
+        tuple(map(int, re.findall(r"\d+", line)[:2]))
+        for line in pretrain_lines(3000, seed=0)
+        if re.fullmatch(r"\d+ \+ \d+ = \d+", line)
+    ]
     assert facts
     assert not eval_pairs & set(facts)
 
@@ -163,7 +166,9 @@ def test_metadata_records_training(model_dir: Path) -> None:
     meta = json.loads((model_dir / METADATA_FILE).read_text())
     assert meta["train_steps"] == QUICK_STEPS
     assert meta["lora_steps"] >= 5
-    assert meta["parameters"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    assert meta["parameters"] == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()
+    )
     assert 1_000_000 < meta["parameters"] < 10_000_000
     assert 0.0 <= meta["exact_match_base"] <= 1.0
     assert 0.0 <= meta["exact_match_post_trained"] <= 1.0
