@@ -104,14 +104,22 @@ class ServiceSettings:
         log_path = env.get("LOCKGATE_REQUEST_LOG") or None
         return cls(
             model_uri=uri,
-            model_name=env.get("LOCKGATE_MODEL_NAME")
-            or (uri.rstrip("/").rsplit("/", 1)[-1] if uri else "unknown"),
+            model_name=env.get("LOCKGATE_MODEL_NAME") or _default_model_name(uri),
             model_version=env.get("LOCKGATE_MODEL_VERSION") or "unknown",
             role=env.get("LOCKGATE_SERVICE_ROLE") or "stable",
             request_log=Path(log_path) if log_path else None,
             log_text=_parse_flag("LOCKGATE_LOG_TEXT", env.get("LOCKGATE_LOG_TEXT", "")),
             config=config,
         )
+
+
+def _default_model_name(uri: str | None) -> str:
+    """The registered name of a ``models:/NAME/...`` URI, else the folder's name."""
+    if not uri:
+        return "unknown"
+    if uri.startswith("models:/"):
+        return uri.removeprefix("models:/").split("/")[0].split("@")[0]
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _parse_flag(name: str, value: str) -> bool:
@@ -210,6 +218,7 @@ class RequestRecord:
     output_tokens: int | None = None
     prompt: str | None = None
     output: str | None = None
+    model_version: str | None = None  # the version that served it (changes on a registry hot swap)
     written: bool = field(default=False, repr=False)
 
     def describe(self, req: GenerateRequest, log_text: bool) -> None:
@@ -271,6 +280,7 @@ class Accounting:
         self.settings = settings
         self.request_log = RequestLog(settings.request_log) if settings.request_log else None
         self._metrics: ServiceMetrics | None = None
+        self.serving_version: str | None = None  # set once a model is loaded; follows hot swaps
 
     @property
     def metrics(self) -> ServiceMetrics:
@@ -287,6 +297,7 @@ class Accounting:
         record.written = True
         s = self.settings
         status: Status = record.status or "error"
+        version = record.model_version or self.serving_version or s.model_version
         latency_ms = record.latency_ms()
         if self.request_log is not None:
             self.request_log.append(
@@ -297,7 +308,7 @@ class Accounting:
                     request_id=record.request_id,
                     service_role=s.role,
                     model_name=s.model_name,
-                    model_version=s.model_version,
+                    model_version=version,
                     endpoint=record.endpoint,
                     user_hash=record.user_hash,
                     prompt_chars=record.prompt_chars,
@@ -311,7 +322,7 @@ class Accounting:
                 )
             )
         m = self.metrics
-        m.requests.labels(s.model_name, s.model_version, status).inc()
+        m.requests.labels(s.model_name, version, status).inc()
         if status != "rejected":  # refusals take microseconds and would drag latency quantiles down
             m.duration.labels(s.model_name, record.endpoint).observe(latency_ms / 1000.0)
         if status == "ok":
@@ -322,7 +333,7 @@ class Accounting:
             "request_id": record.request_id,
             "endpoint": record.endpoint,
             "model": s.model_name,
-            "model_version": s.model_version,
+            "model_version": version,
             "role": s.role,
             "status": status,
             "http_status": record.http_status,
@@ -480,6 +491,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a batch was taken off the queue and is not finished yet
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lockgate-micro-batcher")
@@ -487,6 +499,16 @@ class MicroBatcher:
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def idle(self) -> bool:
+        return self._queue.empty() and not self._busy
+
+    async def drain_and_stop(self, poll_s: float = 0.02) -> None:
+        """Finish every queued and running request, then stop (used when a new version takes over)."""
+        while not self.idle:
+            await asyncio.sleep(poll_s)
+        await self.stop()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -505,8 +527,12 @@ class MicroBatcher:
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
-            for group in _group(batch):
-                await self._run_group(group)
+            self._busy = True
+            try:
+                for group in _group(batch):
+                    await self._run_group(group)
+            finally:
+                self._busy = False
 
     async def _collect(self) -> list[_Pending]:
         batch = [await self._queue.get()]
@@ -558,6 +584,36 @@ def _group(batch: list[_Pending]) -> list[list[_Pending]]:
     return list(groups.values())
 
 
+# -- the served model and following the registry --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model version with its batcher. Replaced as a whole on a hot swap, so a request that
+    was admitted keeps the version it started with until it finishes."""
+
+    model: LoadedModel
+    batcher: MicroBatcher
+    version: str
+
+
+def follows_registry(uri: str | None) -> bool:
+    """A stage or alias URI floats: the version it names changes with registry transitions."""
+    if not uri or not uri.startswith("models:/"):
+        return False
+    tail = uri.removeprefix("models:/")
+    return "@" in tail or not tail.rsplit("/", 1)[-1].isdigit()
+
+
+def registry_poll_seconds(env: Mapping[str, str] = os.environ) -> float:
+    """How often a floating URI is re-resolved (``LOCKGATE_REGISTRY_POLL_S``, default 2 s): a stage
+    transition is served within about one poll plus the new version's load and warm-up."""
+    value = float(env.get("LOCKGATE_REGISTRY_POLL_S", "2"))
+    if not 0.1 <= value <= 3600:
+        raise ValueError(f"LOCKGATE_REGISTRY_POLL_S must be between 0.1 and 3600, got {value}")
+    return value
+
+
 # -- the service ---------------------------------------------------------------------------------
 
 
@@ -603,64 +659,75 @@ class LLMService:
         self.settings = SETTINGS
         self.accounting = ACCOUNTING
         _ = self.accounting.metrics  # register the metrics now, so /metrics lists them before traffic
-        self.model: LoadedModel | None = None
-        self.batcher: MicroBatcher | None = None
+        self.served: Served | None = None
         self.load_error: BaseException | None = None
         self._ready = False
-        self._loader: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self.served.model if self.served else None
 
     @bentoml.on_startup
     async def start_loading(self) -> None:
         """Load and warm up in the background: /livez answers at once, /readyz once warm."""
-        self._loader = asyncio.create_task(self._load_and_warm_up(), name="lockgate-model-loader")
+        self._background.append(asyncio.create_task(self._start(), name="lockgate-model-loader"))
 
     @bentoml.on_shutdown
     async def shut_down(self) -> None:
-        if self._loader is not None:
-            self._loader.cancel()
-        if self.batcher is not None:
-            await self.batcher.stop()
+        for task in self._background:
+            task.cancel()
+        if self.served is not None:
+            await self.served.batcher.stop()
         if self.accounting.request_log is not None:
             self.accounting.request_log.close()
 
     async def __is_ready__(self) -> bool:
-        return self._ready and self.batcher is not None and self.batcher.alive
+        return self._ready and self.served is not None and self.served.batcher.alive
 
     async def __is_alive__(self) -> bool:
         # A model that failed to load, or a dead batch worker, never recovers: let the platform restart.
         if self.load_error is not None:
             return False
-        return not (self._ready and self.batcher is not None and not self.batcher.alive)
+        return not (self._ready and self.served is not None and not self.served.batcher.alive)
 
-    async def _load_and_warm_up(self) -> None:
-        from bentos.runtime import load_model
-
-        cfg = self.settings.config
-        started = time.perf_counter()
+    async def _start(self) -> None:
         try:
-            folder = await asyncio.to_thread(resolve_model_dir, self.settings.model_uri)
-            model = await asyncio.to_thread(load_model, folder)
-            loaded = time.perf_counter()
-            # The first calls pay one-time costs (allocator, kernel selection): on the tiny test model
-            # the first generate took 1.1 s vs 0.1 s afterwards (quanto: 2.4 s). Pay before traffic.
-            for _ in range(cfg.warmup_requests):
-                await asyncio.to_thread(model.generate, [WARMUP_PROMPT], min(8, cfg.max_new_tokens))
+            version, model = await self._load(self.settings.model_uri or "")
         except Exception as exc:
             # Kept, not re-raised into a task nobody awaits: it surfaces as /livez 503 (restart me),
             # /readyz 503 and in the 503 body of every request.
             self.load_error = exc
             logger.exception("model %s failed to load", self.settings.model_uri)
             return
-        self.model = model
-        self.batcher = MicroBatcher(
-            model, cfg.max_batch_size, cfg.max_latency_ms / 1000.0, self.accounting.metrics.batch_size.observe
-        )
-        self.batcher.start()
+        self._swap_in(version, model)
         self._ready = True
+        if follows_registry(self.settings.model_uri):
+            self._background.append(asyncio.create_task(self._follow_registry(), name="lockgate-registry"))
+
+    async def _load(self, uri: str) -> tuple[str, LoadedModel]:
+        """Resolve, load and warm up ``uri``; returns (version label, model)."""
+        from bentos.model_resolver import pin_version
+        from bentos.runtime import load_model
+
+        cfg = self.settings.config
+        started = time.perf_counter()
+        version = self.settings.model_version
+        if uri.startswith("models:/"):
+            # Pin first: the label is the registry version, and a floating URI is read only once.
+            pinned = await asyncio.to_thread(pin_version, uri)
+            version, uri = pinned.version, f"models:/{pinned.name}/{pinned.version}"
+        folder = await asyncio.to_thread(resolve_model_dir, uri)
+        model = await asyncio.to_thread(load_model, folder)
+        loaded = time.perf_counter()
+        # The first calls pay one-time costs (allocator, kernel selection): on the tiny test model
+        # the first generate took 1.1 s vs 0.1 s afterwards (quanto: 2.4 s). Pay before traffic.
+        for _ in range(cfg.warmup_requests):
+            await asyncio.to_thread(model.generate, [WARMUP_PROMPT], min(8, cfg.max_new_tokens))
         logger.info(
-            "ready: %s v%s (%s, quantization=%s, device=%s) loaded in %.1fs, %d warm-up runs in %.1fs",
+            "loaded %s v%s (%s, quantization=%s, device=%s) in %.1fs, %d warm-up runs in %.1fs",
             self.settings.model_name,
-            self.settings.model_version,
+            version,
             self.settings.role,
             model.quantization,
             model.device,
@@ -668,6 +735,40 @@ class LLMService:
             cfg.warmup_requests,
             time.perf_counter() - loaded,
         )
+        return version, model
+
+    def _swap_in(self, version: str, model: LoadedModel) -> None:
+        """Make ``model`` the served one; the old batcher finishes its requests, then the old model
+        is released (nothing references it any more)."""
+        cfg = self.settings.config
+        batcher = MicroBatcher(
+            model, cfg.max_batch_size, cfg.max_latency_ms / 1000.0, self.accounting.metrics.batch_size.observe
+        )
+        batcher.start()
+        old, self.served = self.served, Served(model, batcher, version)
+        self.accounting.serving_version = version
+        if old is not None:
+            self._background.append(asyncio.create_task(old.batcher.drain_and_stop()))
+            logger.info("hot swap: now serving v%s (was v%s)", version, old.version)
+
+    async def _follow_registry(self) -> None:
+        """Re-resolve the floating URI every poll; load and swap in a new version when it changes."""
+        from bentos.model_resolver import pin_version
+
+        uri = self.settings.model_uri or ""
+        interval = registry_poll_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                pinned = await asyncio.to_thread(pin_version, uri)
+                if self.served is not None and pinned.version != self.served.version:
+                    version, model = await self._load(f"models:/{pinned.name}/{pinned.version}")
+                    self._swap_in(version, model)
+            except Exception:
+                # A registry outage or a broken new version must not take down what is being served.
+                logger.exception(
+                    "following %s failed; still serving v%s", uri, self.served.version if self.served else "?"
+                )
 
     @bentoml.api
     async def generate(
@@ -686,9 +787,11 @@ class LLMService:
         refused = self._admit(record, req)
         if refused is not None:
             return refused  # type: ignore[return-value]  # BentoML passes Responses through as is
-        assert self.batcher is not None
+        served = self.served
+        assert served is not None
+        record.model_version = served.version
         try:
-            gen = await self.batcher.submit(req)
+            gen = await served.batcher.submit(req)
         except Exception as exc:
             return _server_error(record, exc)  # type: ignore[return-value]
         record.succeed(gen, self.settings.log_text)
@@ -697,7 +800,7 @@ class LLMService:
             prompt_tokens=gen.prompt_tokens,
             output_tokens=gen.output_tokens,
             latency_ms=round(record.latency_ms(), 3),
-            model_version=self.settings.model_version,
+            model_version=served.version,
             request_id=record.request_id,
             finish_reason=gen.finish_reason,
         )
@@ -726,8 +829,10 @@ class LLMService:
         refused = self._admit(record, req)
         if refused is not None:
             return refused  # type: ignore[return-value]
-        assert self.model is not None
-        stream = self.model.stream(
+        served = self.served
+        assert served is not None
+        record.model_version = served.version
+        stream = served.model.stream(
             req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.seed, list(req.stop)
         )
         chunks = iter(stream)

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,17 +90,14 @@ DEFAULT_HYPERPARAMS = DemoHyperparams()
 
 def demo_model_key(train_steps: int | None = None, hp: DemoHyperparams = DEFAULT_HYPERPARAMS) -> str:
     """Content hash of what the cached model depends on: code version, hyperparameters, steps and
-    the versions of the libraries that write the files."""
-    import peft
-    import tokenizers
-    import torch
-    import transformers
+    the versions of the libraries that compute and write the weights.
 
+    Versions come from package metadata, so a cache hit imports neither torch nor peft (~6 s)."""
     payload = {
         "code_version": CODE_VERSION,
         "hyperparams": dataclasses.asdict(hp),
         "train_steps": train_steps,
-        "versions": [torch.__version__, transformers.__version__, tokenizers.__version__, peft.__version__],
+        "versions": {name: version(name) for name in ("torch", "transformers", "tokenizers", "peft")},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

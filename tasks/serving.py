@@ -56,6 +56,14 @@ class ServiceProcess:
         self.stop()
 
 
+def _model_labels(model_uri: str) -> dict[str, str]:
+    """Metric/log labels for a pinned registry URI (``models:/NAME/VERSION``)."""
+    parts = model_uri.removeprefix("models:/").split("/")
+    if model_uri.startswith("models:/") and len(parts) == 2 and parts[1].isdigit():
+        return {"LOCKGATE_MODEL_NAME": parts[0], "LOCKGATE_MODEL_VERSION": parts[1]}
+    return {}
+
+
 def launch_service(
     target: str,
     role: str,
@@ -75,6 +83,7 @@ def launch_service(
         **os.environ,
         **export_environment(settings),
         "LOCKGATE_MODEL_URI": model_uri,
+        **_model_labels(model_uri),
         "LOCKGATE_SERVICE_ROLE": role,
         "LOCKGATE_REQUEST_LOG": str(request_log.resolve()),
         "LOCKGATE_MODEL_CACHE": str((settings.cache_dir / "registry").resolve()),
