@@ -229,6 +229,30 @@ def status(
 
 
 @app.command()
+def history(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    as_json: JsonOut = False,
+) -> None:
+    """Deployment history: every stage transition of MODEL, when, why and by whom."""
+    _tracking()
+    from dataclasses import asdict
+
+    from tasks import registry
+
+    events = registry.history(model)
+    if as_json:
+        typer.echo(json.dumps([asdict(e) for e in events], indent=2))
+        return
+    if not events:
+        typer.echo(f"no recorded transitions for {model}")
+    for e in events:
+        when = datetime.fromtimestamp(e.time_ms / 1000, UTC).isoformat(timespec="seconds")
+        typer.echo(
+            f"{when}  v{e.version:<4} {e.from_stage:>10} -> {e.to_stage:<10} {e.trigger:<28} {e.reason[:90]}"
+        )
+
+
+@app.command()
 def rollback(
     model: Annotated[str, typer.Argument(help="Registered model name.")],
     reason: Annotated[str, typer.Option(help="Why; recorded on both versions.")] = "manual rollback",
@@ -247,6 +271,48 @@ def rollback(
         typer.echo(json.dumps({"model": model, "production": restored.version, "archived": demoted.version}))
     else:
         typer.echo(f"{model}: Production v{demoted.version} -> v{restored.version} ({reason})")
+
+
+@app.command()
+def serve(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+    port: Annotated[int, typer.Option(help="Port on LOCKGATE_HOST.")] = 3000,
+    stage: Annotated[str, typer.Option(help="Registry stage or @alias to follow.")] = "Production",
+) -> None:
+    """Serve the pipeline's registered model, following the registry (a stage transition hot-swaps)."""
+    from flows.spec_loader import load_spec
+
+    pipeline = _pipeline_name(file, pipeline)
+    spec = load_spec(file).pipelines[pipeline]
+    from tasks.package import service_config
+    from tasks.settings import export_environment, get_settings
+
+    export_environment()
+    settings = get_settings()
+    from flows.monitor import request_log_path
+
+    ref = stage if stage.startswith("@") else f"/{stage}"
+    env = {
+        **os.environ,
+        "LOCKGATE_MODEL_URI": f"models:/{spec.tracking.registered_model}{ref}",
+        "LOCKGATE_SERVICE_CONFIG": json.dumps(service_config(spec.package)),
+        "LOCKGATE_REQUEST_LOG": str(request_log_path(pipeline).resolve()),
+        "LOCKGATE_MODEL_CACHE": str((settings.cache_dir / "registry").resolve()),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "bentos.llm_service:LLMService",
+        "--host",
+        settings.host,
+        "--port",
+        str(port),
+    ]
+    typer.echo(f"serving {env['LOCKGATE_MODEL_URI']} on http://{settings.host}:{port} (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(command, env=env, cwd=Path(__file__).resolve().parent.parent))
 
 
 @app.command()

@@ -28,6 +28,7 @@ TAG_REASON = "lockgate.reason"
 TAG_PREVIOUS = "lockgate.previous_production"
 TAG_CANDIDATE = "lockgate.candidate"
 TAG_TRIGGER = "lockgate.triggered_by"
+HISTORY_EXPERIMENT = "lockgate-registry-history"
 _PYFUNC_CODE = Path(__file__).resolve().parent.parent / "bentos" / "mlflow_pyfunc.py"
 _BENTOS_DIR = _PYFUNC_CODE.parent
 
@@ -107,11 +108,72 @@ def version_in_stage(name: str, stage: str) -> ModelVersionRef | None:
     return ModelVersionRef(name, str(versions[0].version)) if versions else None
 
 
-def _transition(ref: ModelVersionRef, stage: str) -> None:
+def _transition(ref: ModelVersionRef, stage: str, reason: str, trigger: str) -> None:
+    client = _client()
+    before = client.get_model_version(ref.name, ref.version).current_stage
     with _quiet():
-        _client().transition_model_version_stage(
-            ref.name, ref.version, stage, archive_existing_versions=False
+        client.transition_model_version_stage(ref.name, ref.version, stage, archive_existing_versions=False)
+    _record_event(ref, before, stage, reason, trigger)
+
+
+@dataclass(frozen=True)
+class TransitionEvent:
+    """One stage transition, as ``lockgate history`` shows it."""
+
+    time_ms: int
+    name: str
+    version: str
+    from_stage: str
+    to_stage: str
+    reason: str
+    trigger: str
+
+
+def _record_event(ref: ModelVersionRef, before: str, after: str, reason: str, trigger: str) -> None:
+    """Append the transition to the history experiment: MLflow keeps only the current stage, so
+    "what was in Production when, and why" would otherwise be lost. One finished run per event."""
+    client = _client()
+    experiment = client.get_experiment_by_name(HISTORY_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(HISTORY_EXPERIMENT)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{ref.name} v{ref.version}: {before} -> {after}",
+        tags={
+            "lockgate.model": ref.name,
+            "lockgate.version": ref.version,
+            "lockgate.from_stage": before,
+            "lockgate.to_stage": after,
+            TAG_REASON: reason[:5000],
+            TAG_TRIGGER: trigger,
+        },
+    )
+    client.set_terminated(run.info.run_id)
+
+
+def history(name: str) -> list[TransitionEvent]:
+    """Every recorded stage transition of ``name``, oldest first."""
+    client = _client()
+    experiment = client.get_experiment_by_name(HISTORY_EXPERIMENT)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`lockgate.model` = '{name}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50_000,
+    )
+    return [
+        TransitionEvent(
+            time_ms=int(r.info.start_time),
+            name=name,
+            version=r.data.tags["lockgate.version"],
+            from_stage=r.data.tags["lockgate.from_stage"],
+            to_stage=r.data.tags["lockgate.to_stage"],
+            reason=r.data.tags.get(TAG_REASON, ""),
+            trigger=r.data.tags.get(TAG_TRIGGER, ""),
         )
+        for r in runs
+    ]
 
 
 def _set_alias(name: str, alias: str, version: str | None) -> None:
@@ -136,7 +198,7 @@ def promote_first_production(ref: ModelVersionRef, reason: str, trigger: str = "
     """The first ever release puts the baseline into Production so something stable exists."""
     if version_in_stage(ref.name, "Production") is not None:
         raise RegistryError(f"{ref.name} already has a Production version")
-    _transition(ref, "Production")
+    _transition(ref, "Production", reason, trigger)
     _set_alias(ref.name, PRODUCTION_ALIAS, ref.version)
     _decide(ref, "baseline", reason, trigger)
 
@@ -145,9 +207,10 @@ def stage_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockgate"
     """Candidate → Staging (alias ``canary``); any older Staging version is archived first."""
     previous = version_in_stage(ref.name, "Staging")
     if previous is not None and previous.version != ref.version:
-        _transition(previous, "Archived")
-        _decide(previous, "superseded", f"replaced in Staging by v{ref.version}", trigger)
-    _transition(ref, "Staging")
+        superseded = f"replaced in Staging by v{ref.version}"
+        _transition(previous, "Archived", superseded, trigger)
+        _decide(previous, "superseded", superseded, trigger)
+    _transition(ref, "Staging", reason, trigger)
     _set_alias(ref.name, CANARY_ALIAS, ref.version)
     _decide(ref, "staged", reason, trigger)
 
@@ -164,13 +227,14 @@ def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> Mod
         return None  # idempotent: already promoted
     if old is not None:
         set_tags(ref, {TAG_PREVIOUS: old.version})
-    _transition(ref, "Production")
+    _transition(ref, "Production", reason, trigger)
     _set_alias(ref.name, PRODUCTION_ALIAS, ref.version)
     if _alias_version(ref.name, CANARY_ALIAS) == ref.version:
         _set_alias(ref.name, CANARY_ALIAS, None)
     if old is not None:
-        _transition(old, "Archived")
-        _decide(old, "replaced", f"replaced in Production by v{ref.version}", trigger)
+        replaced = f"replaced in Production by v{ref.version}"
+        _transition(old, "Archived", replaced, trigger)
+        _decide(old, "replaced", replaced, trigger)
     _decide(ref, "promoted", reason, trigger)
     log.info(
         "promoted %s v%s to Production (previous: %s)", ref.name, ref.version, old.version if old else "-"
@@ -180,7 +244,7 @@ def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> Mod
 
 def roll_back_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> None:
     """Canary failed: candidate → Archived; Production is untouched."""
-    _transition(ref, "Archived")
+    _transition(ref, "Archived", reason, trigger)
     if _alias_version(ref.name, CANARY_ALIAS) == ref.version:
         _set_alias(ref.name, CANARY_ALIAS, None)
     _decide(ref, "rolled_back", reason, trigger)
@@ -198,11 +262,12 @@ def roll_back_production(
     if not previous:
         raise RegistryError(f"{name} v{current.version} records no previous Production version")
     restored = ModelVersionRef(name, previous)
-    _transition(restored, "Production")  # restore first: Production is never empty
+    restore_reason = f"restored by rollback of v{current.version}: {reason}"
+    _transition(restored, "Production", restore_reason, trigger)  # restore first: never empty
     _set_alias(name, PRODUCTION_ALIAS, restored.version)
-    _transition(current, "Archived")
+    _transition(current, "Archived", reason, trigger)
     _decide(current, "rolled_back", reason, trigger)
-    _decide(restored, "restored", f"restored by rollback of v{current.version}: {reason}", trigger)
+    _decide(restored, "restored", restore_reason, trigger)
     log.warning("rolled back %s Production v%s -> v%s: %s", name, current.version, previous, reason)
     return restored, current
 

@@ -59,6 +59,17 @@ def test_promote_then_rollback_restores_previous(tiny_llm_dir: Path, model_name:
     assert registry.describe_version(cand).tags[registry.TAG_DECISION] == "rolled_back"
     assert registry.version_in_stage(model_name, "Production") == base
 
+    moves = [(e.version, e.from_stage, e.to_stage) for e in registry.history(model_name)]
+    assert moves == [
+        (base.version, "None", "Production"),
+        (cand.version, "None", "Staging"),
+        (cand.version, "Staging", "Production"),
+        (base.version, "Production", "Archived"),
+        (base.version, "Archived", "Production"),
+        (cand.version, "Production", "Archived"),
+    ]
+    assert registry.history(model_name)[-1].reason == "bad answers"
+
 
 def test_candidate_rollback_leaves_production_untouched(tiny_llm_dir: Path, model_name: str) -> None:
     base = _register(tiny_llm_dir, model_name, "baseline")
