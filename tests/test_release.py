@@ -116,6 +116,16 @@ def test_default_pipeline_end_to_end_then_cli_rollback(tracking: str) -> None:
     assert registry.describe_version(registry.ModelVersionRef("lockgate-demo", "1")).aliases == (
         "production",
     )
+    history = _cli("history", "lockgate-demo")
+    assert history.returncode == 0, history.stderr
+    assert [line.split()[1:5] for line in history.stdout.splitlines()] == [
+        ["v1", "None", "->", "Production"],
+        ["v2", "None", "->", "Staging"],
+        ["v2", "Staging", "->", "Production"],
+        ["v1", "Production", "->", "Archived"],
+        ["v1", "Archived", "->", "Production"],
+        ["v2", "Production", "->", "Archived"],
+    ]
 
 
 def test_candidate_failing_a_gate_is_never_staged(
