@@ -18,6 +18,7 @@ import pandas as pd
 from prefect import task
 
 from bentos.runtime import LoadedModel, load_model, weights_size_bytes
+from tasks.calibration import expected_calibration_error
 from tasks.log import get_logger
 from tasks.tracking import stage_run
 
@@ -77,20 +78,6 @@ class Evaluation:
 def exact_match(generated: str, answer: str) -> bool:
     """The first line of the continuation, stripped, equals the answer."""
     return generated.split("\n", 1)[0].strip() == str(answer).strip()
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """ECE = Σ_m |B_m|/n · |acc(B_m) − conf(B_m)| over equal-width confidence bins."""
-    if len(confidence) == 0:
-        return 0.0
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(total)
 
 
 def _teacher_forced(

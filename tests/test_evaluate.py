@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from flows.spec import RelativeGate
-from tasks.evaluate import ModelMetrics, check_gate, check_gates, exact_match, expected_calibration_error
+from tasks.calibration import expected_calibration_error
+from tasks.evaluate import ModelMetrics, check_gate, check_gates, exact_match
 
 
 def test_exact_match_takes_first_line_stripped() -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from tasks.calibration import expected_calibration_error
 from tasks.drift_detectors.adwin import ADWIN
 from tasks.drift_detectors.monitors import FeatureDriftMonitor, FeatureDriftReport
 from tasks.drift_detectors.statistical import ArrayLike, _as_sample
@@ -29,12 +30,9 @@ class CalibrationResult:
 def calibration_error(confidence: ArrayLike, correct: ArrayLike, bins: int = 10) -> CalibrationResult:
     """Expected calibration error (Guo et al. 2017) with M = ``bins`` equal-width confidence bins.
 
-    The ECE itself is :func:`tasks.evaluate.expected_calibration_error` (the release gate's definition),
-    imported here so both always agree; the import is deferred because ``tasks.evaluate`` loads torch,
-    transformers and prefect, which the detectors do not otherwise need.
+    The ECE itself is :func:`tasks.calibration.expected_calibration_error`, the release gate's
+    definition, so both always agree.
     """
-    from tasks.evaluate import expected_calibration_error
-
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins!r}")
     conf = _as_sample(confidence, "confidence", min_size=1)
