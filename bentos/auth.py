@@ -80,14 +80,21 @@ class KeyStore:
             payload = json.loads(path.read_text())
             entries = payload["keys"]
             keys = [
-                ApiKey(str(e["customer"]), str(e["sha256"]), float(e.get("rate_per_s", 10)), float(e.get("burst", 20)))
+                ApiKey(
+                    str(e["customer"]),
+                    str(e["sha256"]),
+                    float(e.get("rate_per_s", 10)),
+                    float(e.get("burst", 20)),
+                )
                 for e in entries
             ]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"LOCKGATE_API_KEYS_FILE {path}: not a valid key file ({exc})") from exc
         for key in keys:
             if key.rate_per_s <= 0 or key.burst < 1:
-                raise ValueError(f"LOCKGATE_API_KEYS_FILE {path}: {key.customer}: rate_per_s > 0 and burst >= 1")
+                raise ValueError(
+                    f"LOCKGATE_API_KEYS_FILE {path}: {key.customer}: rate_per_s > 0 and burst >= 1"
+                )
         return cls(keys)
 
     def admit(self, authorization: str | None) -> Admission:
@@ -100,7 +107,9 @@ class KeyStore:
         with self._lock:
             wait = self._buckets[match.sha256].take()
         if wait > 0:
-            return Admission(429, match.customer, retry_after_s=wait, error=f"rate limit of {match.customer} exceeded")
+            return Admission(
+                429, match.customer, retry_after_s=wait, error=f"rate limit of {match.customer} exceeded"
+            )
         return Admission(200, match.customer)
 
 
@@ -108,7 +117,9 @@ def add_key(path: Path, customer: str, rate_per_s: float, burst: float) -> str:
     """Append a new key for ``customer`` to the key file (created if missing); returns the key."""
     payload = json.loads(path.read_text()) if path.exists() else {"keys": []}
     key = new_key()
-    payload["keys"].append({"customer": customer, "sha256": hash_key(key), "rate_per_s": rate_per_s, "burst": burst})
+    payload["keys"].append(
+        {"customer": customer, "sha256": hash_key(key), "rate_per_s": rate_per_s, "burst": burst}
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))

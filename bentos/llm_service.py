@@ -9,6 +9,8 @@ Configured only through environment variables, read at import (the same module s
 * ``LOCKGATE_REQUEST_LOG``    SQLite file for the request log (default: no request log)
 * ``LOCKGATE_LOG_TEXT``       ``1`` stores raw prompt/output text in the request log (default ``0``)
 * ``LOCKGATE_SERVICE_CONFIG`` JSON object, see :class:`ServiceConfig` (default ``{}``)
+* ``LOCKGATE_API_KEYS_FILE``  hashed API keys + rate limits (bentos/auth.py); unset = no auth
+* ``LOCKGATE_REGISTRY_POLL_S`` how often a stage/alias URI is re-resolved (default 2)
 
 Endpoints: ``POST /generate`` (JSON), ``POST /generate_stream`` (text chunks), plus BentoML's
 ``/readyz`` (200 only once the model is loaded and warmed up), ``/livez`` and ``/metrics``.
@@ -23,6 +25,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -36,6 +39,7 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, StreamingResponse
 
+from bentos.auth import KeyStore
 from bentos.model_resolver import resolve_model_dir
 from bentos.request_log import RequestLog, RequestRow, Status, hash_user
 
@@ -78,6 +82,10 @@ class ServiceConfig(BaseModel):
     warmup_requests: int = Field(
         2, ge=0, description="Generations run after loading, before /readyz says ready."
     )
+    price_per_1k_prompt_tokens: float = Field(0.0, ge=0, description="USD, for llm_api_cost_dollars_total.")
+    price_per_1k_completion_tokens: float = Field(
+        0.0, ge=0, description="USD, for llm_api_cost_dollars_total."
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class ServiceSettings:
     request_log: Path | None
     log_text: bool
     config: ServiceConfig
+    api_keys_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -110,6 +119,7 @@ class ServiceSettings:
             request_log=Path(log_path) if log_path else None,
             log_text=_parse_flag("LOCKGATE_LOG_TEXT", env.get("LOCKGATE_LOG_TEXT", "")),
             config=config,
+            api_keys_file=Path(env["LOCKGATE_API_KEYS_FILE"]) if env.get("LOCKGATE_API_KEYS_FILE") else None,
         )
 
 
@@ -219,6 +229,8 @@ class RequestRecord:
     prompt: str | None = None
     output: str | None = None
     model_version: str | None = None  # the version that served it (changes on a registry hot swap)
+    customer: str | None = None  # from the API key; None when the service runs without keys
+    first_token_s: float | None = None
     written: bool = field(default=False, repr=False)
 
     def describe(self, req: GenerateRequest, log_text: bool) -> None:
@@ -230,6 +242,7 @@ class RequestRecord:
 
     def succeed(self, gen: Generation, log_text: bool) -> None:
         self.status, self.prompt_tokens, self.output_tokens = "ok", gen.prompt_tokens, gen.output_tokens
+        self.first_token_s = gen.first_token_s
         if log_text:
             self.output = gen.text
 
@@ -271,6 +284,48 @@ class ServiceMetrics:
             "Requests per batched generate call.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
+        latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+        self.ttft = Histogram(
+            "llm_time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            ["model"],
+            buckets=latency_buckets,
+        )
+        self.queue_wait = Histogram(
+            "llm_queue_wait_seconds", "Time a request waited for its batch to start.", buckets=latency_buckets
+        )
+        self.cost = Counter(
+            "llm_api_cost_dollars", "Cost of served tokens at the spec's prices.", ["model", "customer"]
+        )
+        from prometheus_client import Gauge
+
+        # Gauges are per process; "max" keeps one meaningful value when BentoML aggregates workers.
+        self.gpu_utilization = Gauge(
+            "llm_gpu_utilization_percent",
+            "GPU utilisation (NVML); absent on CPU.",
+            ["gpu"],
+            multiprocess_mode="max",
+        )
+        self.memory = Gauge(
+            "llm_memory_usage_bytes",
+            "Memory in use, by type (cpu_rss, gpu_allocated, gpu_reserved).",
+            ["type"],
+            multiprocess_mode="max",
+        )
+
+    def sample_resources(self) -> None:
+        """Refresh the memory and GPU gauges (called per request: cheap, and /metrics stays current)."""
+        import resource
+
+        # ru_maxrss is KiB on Linux: the peak RSS, the number that decides an OOM kill.
+        self.memory.labels("cpu_rss").set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            self.memory.labels("gpu_allocated").set(torch.cuda.memory_allocated())
+            self.memory.labels("gpu_reserved").set(torch.cuda.memory_reserved())
+            for index in range(torch.cuda.device_count()):
+                with contextlib.suppress(Exception):  # NVML may be absent in a container: no gauge then
+                    self.gpu_utilization.labels(str(index)).set(torch.cuda.utilization(index))
 
 
 class Accounting:
@@ -328,6 +383,14 @@ class Accounting:
         if status == "ok":
             m.tokens.labels("prompt").inc(record.prompt_tokens or 0)
             m.tokens.labels("completion").inc(record.output_tokens or 0)
+            cfg = s.config
+            cost = (record.prompt_tokens or 0) * cfg.price_per_1k_prompt_tokens / 1000 + (
+                record.output_tokens or 0
+            ) * cfg.price_per_1k_completion_tokens / 1000
+            m.cost.labels(s.model_name, record.customer or "anonymous").inc(cost)
+            if record.first_token_s is not None:
+                m.ttft.labels(s.model_name).observe(record.first_token_s)
+        m.sample_resources()
         line = {
             "event": "llm_request",
             "request_id": record.request_id,
@@ -346,6 +409,7 @@ class Accounting:
 
 
 ACCOUNTING = Accounting(SETTINGS)
+KEYS = KeyStore.from_file(SETTINGS.api_keys_file) if SETTINGS.api_keys_file else None
 _CURRENT_RECORD: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
     "lockgate_request_record", default=None
 )
@@ -359,9 +423,38 @@ class RequestAccounting:
     every refusal names its field the same way as our own 422s.
     """
 
-    def __init__(self, app: Any, accounting: Accounting) -> None:
+    def __init__(self, app: Any, accounting: Accounting, keys: KeyStore | None = None) -> None:
         self.app = app
         self.accounting = accounting
+        self.keys = keys
+
+    async def _refuse_unauthorised(
+        self, record: RequestRecord, scope: dict[str, Any], receive: Any, send: Any
+    ) -> bool:
+        """401 without a valid key, 429 over the key's rate (with Retry-After); True when refused."""
+        if self.keys is None:
+            return False
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization")
+        admission = self.keys.admit(auth.decode("latin-1") if auth else None)
+        record.customer = admission.customer
+        if admission.status == 200:
+            return False
+        record.claimed, record.http_status = True, admission.status
+        record.status, record.error, record.error_field = "rejected", admission.error, "authorization"
+        extra = (
+            {"Retry-After": str(max(1, math.ceil(admission.retry_after_s)))}
+            if admission.status == 429
+            else {}
+        )
+        response = JSONResponse(
+            {"error": admission.error, "field": "authorization", "request_id": record.request_id},
+            status_code=admission.status,
+            headers={**extra, "x-request-id": record.request_id},
+        )
+        self.accounting.finish(record)
+        await response(scope, receive, send)
+        return True
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         endpoint = scope.get("path", "").rsplit("/", 1)[-1]
@@ -369,6 +462,8 @@ class RequestAccounting:
             await self.app(scope, receive, send)
             return
         record = RequestRecord(uuid.uuid4().hex, endpoint, time.perf_counter())  # type: ignore[arg-type]
+        if await self._refuse_unauthorised(record, scope, receive, send):
+            return
         # A context variable, not a `ctx: bentoml.Context` parameter: with ctx, BentoML overwrites the
         # status code of a returned Response with ctx.response.status_code (200), losing our 422s.
         token = _CURRENT_RECORD.set(record)
@@ -451,6 +546,7 @@ class _BatchKey:
 class _Pending:
     request: GenerateRequest
     future: asyncio.Future[Generation]
+    enqueued: float = field(default_factory=time.perf_counter)
 
 
 def batch_key(req: GenerateRequest) -> _BatchKey | None:
@@ -484,11 +580,13 @@ class MicroBatcher:
         max_batch_size: int,
         max_latency_s: float,
         on_batch: Callable[[int], None],
+        on_wait: Callable[[float], None] = lambda _seconds: None,
     ) -> None:
         self._model = model
         self._max_batch_size = max_batch_size
         self._max_latency_s = max_latency_s
         self._on_batch = on_batch
+        self._on_wait = on_wait
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._busy = False  # a batch was taken off the queue and is not finished yet
@@ -555,6 +653,9 @@ class MicroBatcher:
         if not live:
             return
         self._on_batch(len(live))
+        started = time.perf_counter()
+        for p in live:
+            self._on_wait(started - p.enqueued)
         first = live[0].request
         try:
             results = await asyncio.to_thread(
@@ -741,8 +842,13 @@ class LLMService:
         """Make ``model`` the served one; the old batcher finishes its requests, then the old model
         is released (nothing references it any more)."""
         cfg = self.settings.config
+        metrics = self.accounting.metrics
         batcher = MicroBatcher(
-            model, cfg.max_batch_size, cfg.max_latency_ms / 1000.0, self.accounting.metrics.batch_size.observe
+            model,
+            cfg.max_batch_size,
+            cfg.max_latency_ms / 1000.0,
+            metrics.batch_size.observe,
+            metrics.queue_wait.observe,
         )
         batcher.start()
         old, self.served = self.served, Served(model, batcher, version)
@@ -904,7 +1010,7 @@ def _server_error(record: RequestRecord, exc: Exception) -> JSONResponse:
     return _json_error(record, 500, f"generation failed: {type(exc).__name__}: {exc}")
 
 
-LLMService.add_asgi_middleware(RequestAccounting, accounting=ACCOUNTING)
+LLMService.add_asgi_middleware(RequestAccounting, accounting=ACCOUNTING, keys=KEYS)
 
 __all__ = [
     "ACCOUNTING",
