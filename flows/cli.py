@@ -315,6 +315,24 @@ def serve(
     raise typer.Exit(subprocess.call(command, env=env, cwd=Path(__file__).resolve().parent.parent))
 
 
+keys_app = typer.Typer(help="API keys of the LLM service (only hashes are stored).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(
+    customer: Annotated[str, typer.Argument(help="Who the key is for (the cost metric's label).")],
+    rate_per_s: Annotated[float, typer.Option(help="Sustained requests per second.")] = 10.0,
+    burst: Annotated[float, typer.Option(help="Requests allowed at once.")] = 20.0,
+) -> None:
+    """Create a key; prints it once. Serve with LOCKGATE_API_KEYS_FILE pointing at the key file."""
+    from bentos.auth import add_key
+
+    path = Path(os.environ.get("LOCKGATE_API_KEYS_FILE", ".lockgate/api-keys.json"))
+    key = add_key(path, customer, rate_per_s, burst)
+    typer.echo(f"{key}\n(stored as a sha256 hash in {path}; this is the only time the key is shown)")
+
+
 @app.command()
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
     """Open the MLflow UI on 127.0.0.1 over the lockgate store."""

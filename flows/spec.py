@@ -207,12 +207,20 @@ class LimitsSpec(StrictModel):
     concurrency: int = Field(16, ge=1, le=10_000, description="Requests in flight per worker.")
 
 
+class PricingSpec(StrictModel):
+    """Per-token prices behind ``llm_api_cost_dollars_total{model,customer}``."""
+
+    prompt_per_1k_tokens: float = Field(0.0, ge=0, le=1000, description="USD per 1000 prompt tokens.")
+    completion_per_1k_tokens: float = Field(0.0, ge=0, le=1000, description="USD per 1000 generated tokens.")
+
+
 class PackageSpec(StrictModel):
     service_name: str = Field("lockgate-llm", pattern=_NAME, description="Bento name.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Declared resources.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Batching limits.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Input limits.")
     warmup_requests: int = Field(2, ge=0, le=100, description="Generations run before /readyz is ready.")
+    pricing: PricingSpec = Field(default_factory=PricingSpec, description="Cost accounting per customer.")
 
 
 # -------------------------------------------------------------------------------------- canary

@@ -60,6 +60,8 @@ def service_config(spec: PackageSpec) -> dict[str, object]:
         "timeout_s": spec.limits.timeout_s,
         "concurrency": spec.limits.concurrency,
         "warmup_requests": spec.warmup_requests,
+        "price_per_1k_prompt_tokens": spec.pricing.prompt_per_1k_tokens,
+        "price_per_1k_completion_tokens": spec.pricing.completion_per_1k_tokens,
     }
 
 

@@ -94,6 +94,9 @@ def launch_service(
         ),
         **(extra_env or {}),
     }
+    if not (extra_env or {}).get("LOCKGATE_API_KEYS_FILE"):
+        # Replayed canary traffic is internal and loopback-only: no API keys unless asked for.
+        env.pop("LOCKGATE_API_KEYS_FILE", None)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{role}-{port}.log"
     command = [sys.executable, "-m", "bentoml", "serve", target, "--host", settings.host, "--port", str(port)]
