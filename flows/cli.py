@@ -333,6 +333,33 @@ def keys_add(
     typer.echo(f"{key}\n(stored as a sha256 hash in {path}; this is the only time the key is shown)")
 
 
+export_app = typer.Typer(help="Deployment outputs.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("k8s")
+def export_k8s(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+    image: Annotated[str, typer.Option(help="Container image of the bento (bentoml containerize).")] = "",
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas.")] = 2,
+    mlflow_uri: Annotated[str, typer.Option(help="Tracking URI the pods read the registry from.")] = (
+        "http://mlflow:5000"
+    ),
+) -> None:
+    """Print Deployment + Service manifests (YAML) for the pipeline's service."""
+    import yaml
+
+    from flows.spec_loader import load_spec
+    from tasks.k8s_export import manifests
+
+    pipeline = _pipeline_name(file, pipeline)
+    spec = load_spec(file).pipelines[pipeline]
+    image = image or f"{spec.package.service_name}:latest"
+    docs = manifests(pipeline, spec, image, replicas, mlflow_uri)
+    typer.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
+
+
 @app.command()
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
     """Open the MLflow UI on 127.0.0.1 over the lockgate store."""

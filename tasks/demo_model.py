@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ import random
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -118,19 +120,20 @@ def ensure_demo_model(cache_dir: Path, train_steps: int | None = None) -> Path:
         log.info("demo model cached at %s", final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _train_demo(tmp, final, hp, train_steps)
+    # One trainer per model: parallel pipeline runs (or Prefect threads) wait ~2 min for the first
+    # one instead of each training its own copy. flock locks are per open file, so threads of one
+    # process exclude each other too.
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / METADATA_FILE).is_file():
+            log.info("demo model trained by another caller; cached at %s", final)
+            return final
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            _train_demo(tmp, final, hp, train_steps)
             os.replace(tmp, final)
-        except OSError:
-            # Another process finished the same model first (a directory rename cannot replace a
-            # non-empty directory); its copy is identical, so use it.
-            if not (final / METADATA_FILE).is_file():
-                raise
-            log.info("demo model was trained concurrently; using %s", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -323,7 +326,10 @@ def _add_lora(model: LlamaForCausalLM, hp: DemoHyperparams) -> Any:
         lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # transformers 5.24 deprecates the attribute peft 0.21.2 reads; harmless, and not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _encode_documents(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str]) -> list[list[int]]:
