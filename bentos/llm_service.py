@@ -167,6 +167,9 @@ class GenerateResponse(BaseModel):
     prompt_tokens: int
     output_tokens: int
     latency_ms: float = Field(description="Server time for this request, queueing included.")
+    time_to_first_token_ms: float | None = Field(
+        None, description="Time from the batch's start to its first generated token (canary TTFT check)."
+    )
     model_version: str
     request_id: str
     finish_reason: Literal["eos", "stop", "length"]
@@ -906,6 +909,7 @@ class LLMService:
             prompt_tokens=gen.prompt_tokens,
             output_tokens=gen.output_tokens,
             latency_ms=round(record.latency_ms(), 3),
+            time_to_first_token_ms=None if gen.first_token_s is None else round(gen.first_token_s * 1000, 3),
             model_version=served.version,
             request_id=record.request_id,
             finish_reason=gen.finish_reason,

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -72,9 +73,15 @@ def run(
 ) -> None:
     """Run the release flow of one pipeline (a Prefect flow run, tracked in MLflow)."""
     pipeline = _pipeline_name(file, pipeline)  # fail fast, before Prefect starts
+    from flows.spec_loader import load_spec
+    from tasks import release_lock
     from tasks.settings import export_environment
 
     export_environment()  # before prefect is imported: it reads PREFECT_HOME at import time
+    try:  # another live release of the model: fail in a second, naming its owner
+        release_lock.check_free(load_spec(file).pipelines[pipeline].tracking.registered_model)
+    except LockgateError as exc:
+        raise _fail(exc, verbose) from None
     from flows.release import release_flow
     from flows.summary import render_summary
     from tasks.log import configure
@@ -256,21 +263,161 @@ def history(
 def rollback(
     model: Annotated[str, typer.Argument(help="Registered model name.")],
     reason: Annotated[str, typer.Option(help="Why; recorded on both versions.")] = "manual rollback",
+    to: Annotated[
+        str | None, typer.Option("--to", help="Version to restore; default: the one replaced.")
+    ] = None,
     as_json: JsonOut = False,
 ) -> None:
-    """Put the previous Production version back into Production (stage transitions, logged)."""
-    _tracking()
-    from tasks import registry
+    """Put the previous (or the given) version back into Production (stage transitions, logged).
 
-    user = os.environ.get("USER", "unknown")
+    Takes the model's release lock: refused while a release of MODEL is running."""
+    _tracking()
+    from tasks import registry, release_lock
+
+    trigger = f"cli:{os.environ.get('USER', 'unknown')}"
     try:
-        restored, demoted = registry.roll_back_production(model, reason, trigger=f"cli:{user}")
+        with release_lock.hold(model, release_lock.owner_label(f"{trigger} rollback")):
+            restored, demoted = registry.roll_back_production(model, reason, trigger=trigger, to_version=to)
     except LockgateError as exc:
         raise _fail(exc, False) from None
     if as_json:
         typer.echo(json.dumps({"model": model, "production": restored.version, "archived": demoted.version}))
     else:
         typer.echo(f"{model}: Production v{demoted.version} -> v{restored.version} ({reason})")
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str | None, typer.Option(help="Version to promote; default: the Staging one.")] = None,
+    reason: Annotated[str, typer.Option(help="Why; recorded on the version.")] = "manual promotion",
+    as_json: JsonOut = False,
+) -> None:
+    """Promote the Staging (or given) version to Production; the old Production is archived after.
+
+    Takes the model's release lock: refused while a release of MODEL is running."""
+    _tracking()
+    from tasks import registry, release_lock
+    from tasks.errors import RegistryError
+
+    trigger = f"cli:{os.environ.get('USER', 'unknown')}"
+    try:
+        with release_lock.hold(model, release_lock.owner_label(f"{trigger} promote")):
+            ref = (
+                registry.ModelVersionRef(model, version)
+                if version
+                else registry.version_in_stage(model, "Staging")
+            )
+            if ref is None:
+                raise RegistryError(f"{model} has no Staging version to promote; pass --version")
+            registry.describe_version(ref)  # an unknown version fails here, before any transition
+            old = registry.promote(ref, reason, trigger)
+    except LockgateError as exc:
+        raise _fail(exc, False) from None
+    previous = old.version if old else None
+    if as_json:
+        typer.echo(json.dumps({"model": model, "production": ref.version, "archived": previous}))
+    else:
+        typer.echo(f"{model}: Production v{previous or '-'} -> v{ref.version} ({reason})")
+
+
+@app.command()
+def plan(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+    as_json: JsonOut = False,
+) -> None:
+    """Print the release strategy's steps, minimum promotion time and worst-case rollback time."""
+    from dataclasses import asdict
+
+    from flows.spec_loader import load_spec
+    from tasks.canary_plan import plan_release, render_plan
+
+    pipeline = _pipeline_name(file, pipeline)
+    result = plan_release(load_spec(file).pipelines[pipeline].canary)
+    typer.echo(
+        json.dumps({"pipeline": pipeline, **asdict(result)}, indent=2)
+        if as_json
+        else render_plan(pipeline, result)
+    )
+
+
+canary_app = typer.Typer(help="Releases in progress: status and recovery.", no_args_is_help=True)
+app.add_typer(canary_app, name="canary")
+
+
+@canary_app.command("status")
+def canary_status(
+    model: Annotated[str | None, typer.Argument(help="Registered model; default: all.")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Release locks (who runs a release, in which phase) and each model's Staging candidate."""
+    _tracking()
+    from tasks import registry, release_lock
+
+    locks = {lock.model: lock for lock in release_lock.all_locks()}
+    registered = set(registry.registered_model_names())
+    names = [model] if model else sorted(registered | set(locks))
+    report: dict[str, dict] = {}
+    try:
+        for name in names:
+            lock = locks.get(name)
+            staged = registry.version_in_stage(name, "Staging") if name in registered else None
+            production = registry.version_in_stage(name, "Production") if name in registered else None
+            decision = registry.describe_version(staged).tags.get(registry.TAG_DECISION, "") if staged else ""
+            report[name] = {
+                "release": None
+                if lock is None
+                else {
+                    "state": lock.state(),
+                    "owner": lock.owner,
+                    "phase": lock.phase,
+                    "expires_in_s": round(lock.expires_at - time.time()),
+                },
+                "production": production.version if production else None,
+                "staging": {"version": staged.version, "decision": decision} if staged else None,
+            }
+    except LockgateError as exc:
+        raise _fail(exc, False) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    if not report:
+        typer.echo("no registered models and no releases")
+    for name, item in report.items():
+        release, staging = item["release"], item["staging"]
+        running = (
+            f"release {release['state']} ({release['phase']}) by {release['owner']}"
+            if release
+            else "no release running"
+        )
+        staged_text = (
+            f"staging v{staging['version']} ({staging['decision']})" if staging else "nothing in Staging"
+        )
+        typer.echo(f"{name}: production v{item['production'] or '-'}; {staged_text}; {running}")
+
+
+@canary_app.command("recover")
+def canary_recover(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    as_json: JsonOut = False,
+) -> None:
+    """Clean up after a release that died: stop its services, complete a half-done promotion, roll back
+    a candidate whose canary never decided. What `lockgate run` also does before it starts."""
+    _tracking()
+    from tasks import release_lock
+    from tasks.recovery import recover_interrupted
+
+    trigger = f"cli:{os.environ.get('USER', 'unknown')}"
+    try:
+        with release_lock.hold(model, release_lock.owner_label(f"{trigger} recover")) as (_, replaced):
+            actions = recover_interrupted(model, replaced, trigger)
+    except LockgateError as exc:
+        raise _fail(exc, False) from None
+    if as_json:
+        typer.echo(json.dumps({"model": model, "actions": actions}))
+    else:
+        typer.echo("\n".join(actions) if actions else f"{model}: nothing to recover")
 
 
 @app.command()
@@ -331,6 +478,54 @@ def keys_add(
     path = Path(os.environ.get("LOCKGATE_API_KEYS_FILE", ".lockgate/api-keys.json"))
     key = add_key(path, customer, rate_per_s, burst)
     typer.echo(f"{key}\n(stored as a sha256 hash in {path}; this is the only time the key is shown)")
+
+
+flags_app = typer.Typer(
+    help="Feature flags (bentos/feature_flags.py): rollout by consistent hashing on the user id; "
+    "services re-read the file on change.",
+    no_args_is_help=True,
+)
+app.add_typer(flags_app, name="flags")
+
+
+def _flags_path() -> Path:
+    return Path(os.environ.get("LOCKGATE_FEATURE_FLAGS_FILE", ".lockgate/feature-flags.json"))
+
+
+@flags_app.command("set")
+def flags_set(
+    name: Annotated[str, typer.Argument(help="Flag name.")],
+    rollout: Annotated[float, typer.Option(min=0, max=100, help="Percent of users who get it.")],
+    disabled: Annotated[bool, typer.Option("--disabled", help="Switch it off for everyone.")] = False,
+    description: Annotated[str | None, typer.Option(help="What the flag switches.")] = None,
+) -> None:
+    """Create or change a flag; running services pick it up without a restart."""
+    from bentos.feature_flags import set_flag
+
+    flag = set_flag(_flags_path(), name, rollout, enabled=not disabled, description=description)
+    typer.echo(f"{name}: {'on' if flag.enabled else 'off'} for {flag.rollout:g}% of users ({_flags_path()})")
+
+
+@flags_app.command("list")
+def flags_list(
+    user: Annotated[str | None, typer.Option(help="Also say whether each flag is on for this user.")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """The flags in the flag file."""
+    from bentos.feature_flags import evaluate, read_flag_file
+
+    flags = read_flag_file(_flags_path()).flags
+    rows = {
+        name: {**flag.model_dump(), **({"on_for_user": evaluate(flag, name, user)} if user else {})}
+        for name, flag in sorted(flags.items())
+    }
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for name, row in rows.items():
+        extra = f"  {user}: {'on' if row['on_for_user'] else 'off'}" if user else ""
+        state = "on " if row["enabled"] else "off"
+        typer.echo(f"{name:<30} {state} {row['rollout']:>5g}%  {row['description']}{extra}")
 
 
 export_app = typer.Typer(help="Deployment outputs.", no_args_is_help=True)

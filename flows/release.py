@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from flows.monitor import request_log_path
 from flows.spec import PipelineSpec
 from flows.spec_loader import load_spec, resolved_spec
+from tasks import release_lock
 from tasks.canary import CanaryResult, canary_task
 from tasks.compress import CompressedModel, compress_task
 from tasks.evaluate import Evaluation, evaluate_task
@@ -24,6 +25,7 @@ from tasks.log import run_logger
 from tasks.model_source import prepare_parent
 from tasks.monitor import DriftResult, monitor_task
 from tasks.package import package_task
+from tasks.recovery import recover_interrupted
 from tasks.register import Registration, register_task
 from tasks.settings import export_environment, get_settings
 from tasks.tracking import configure_tracking, run_url
@@ -47,6 +49,7 @@ class ReleaseSummary:
     canary: CanaryResult | None = None
     drift: DriftResult | None = None
     bento_tag: str | None = None
+    recovered: list[str] = field(default_factory=list)  # repairs of an interrupted earlier release
 
 
 def _flatten(prefix: str, value: object, out: dict[str, str]) -> dict[str, str]:
@@ -99,7 +102,13 @@ def release_flow(spec_path: str, pipeline: str | None = None) -> ReleaseSummary:
             flow_run_id,
             0.0,
         )
-        _run_stages(name, spec, spec_file.parent, run_id, trigger, started, summary)
+        # One release per registered model: taken before anything is registered or staged, given
+        # back at the end, also on failure. A lock left by a killed release is taken over, and what
+        # that release left behind is repaired first.
+        model = spec.tracking.registered_model
+        with release_lock.hold(model, release_lock.owner_label(trigger)) as (lock, replaced):
+            summary.recovered = recover_interrupted(model, replaced, trigger)
+            _run_stages(name, spec, spec_file.parent, run_id, trigger, started, summary, lock)
         summary.elapsed_s = time.time() - started
         mlflow.set_tag("lockgate.outcome", summary.outcome)
         mlflow.log_metric("elapsed_s", summary.elapsed_s)
@@ -115,6 +124,7 @@ def _run_stages(
     trigger: str,
     started: float,
     summary: ReleaseSummary,
+    lock: release_lock.LockRef | None = None,
 ) -> None:
     settings = get_settings()
     logger = run_logger(__name__)
@@ -155,6 +165,8 @@ def _run_stages(
         work / "service-logs",
         run_id,
         trigger,
+        lock,
+        settings.reports_dir / name / run_id,
     )
     if summary.canary.decision == "rollback":
         summary.outcome = "rolled_back"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 SPEC_VERSION = 1
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -225,6 +225,8 @@ class PackageSpec(StrictModel):
 
 # -------------------------------------------------------------------------------------- canary
 class CanaryThresholds(StrictModel):
+    """Effect sizes a canary may show before it is rolled back (each needs statistical support too)."""
+
     min_success_rate: float = Field(
         0.95, ge=0, le=1, description="Canary success-rate floor (the chapter's 0.95)."
     )
@@ -234,40 +236,226 @@ class CanaryThresholds(StrictModel):
     max_latency_p95_ratio: float = Field(
         2.0, gt=0, le=100, description="Canary p95 latency / stable p95 latency at most."
     )
+    max_latency_ratio: float = Field(
+        1.2,
+        gt=1,
+        le=100,
+        description="Typical canary/stable latency ratio at most: the Hodges-Lehmann shift of log "
+        "latency (about the ratio of medians). 1.2 flags a canary 20 % slower.",
+    )
+    max_output_tokens_change: float = Field(
+        0.3,
+        gt=0,
+        le=10,
+        description="Relative change of the mean number of generated tokens, either direction "
+        "(0.3: 30 % longer or shorter answers).",
+    )
+    max_empty_rate_increase: float = Field(
+        0.05, ge=0, le=1, description="Share of empty answers may exceed stable's by at most this."
+    )
+    max_ttft_ratio: float = Field(
+        1.5,
+        gt=1,
+        le=100,
+        description="Typical canary/stable time-to-first-token ratio at most (where the service reports it).",
+    )
+
+
+class CanaryAnalysisSpec(StrictModel):
+    """How evidence is weighed: one false-rollback budget, sequential tests, bounded extensions."""
+
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="False-rollback budget of the whole canary (family-wise, over all checks and "
+        "looks); the chapter's 'p > 0.05 means no significant difference'.",
+    )
+    max_extensions: int = Field(
+        2,
+        ge=0,
+        le=20,
+        description="An inconclusive step is held and its window extended (by its min_requests and "
+        "duration_s again) at most this many times, then it fails (as Argo's inconclusive limit).",
+    )
+
+
+class CanaryStep(StrictModel):
+    """One step: a traffic share held until its window has enough requests and time."""
+
+    share: float = Field(..., gt=0, le=100, description="Canary traffic share, percent.")
+    min_requests: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Canary requests the step's window needs before it may pass; default: "
+        "canary.min_canary_requests.",
+    )
+    duration_s: float | None = Field(
+        None,
+        gt=0,
+        le=604_800,
+        description="Seconds the step's window lasts at least (with min_requests: both must hold); "
+        "default: no time floor.",
+    )
+
+
+def _step_shorthand(value: object) -> object:
+    """``25`` means ``{share: 25}``; a mapping is validated as a :class:`CanaryStep`."""
+    if isinstance(value, bool):
+        raise ValueError("a step is a traffic share (e.g. 25) or a mapping {share, min_requests, duration_s}")
+    if isinstance(value, int | float):
+        return {"share": value}
+    if isinstance(value, dict | CanaryStep):
+        return value
+    raise ValueError("a step is a traffic share (e.g. 25) or a mapping {share, min_requests, duration_s}")
+
+
+StepItem = Annotated[
+    CanaryStep,
+    BeforeValidator(
+        _step_shorthand,
+        json_schema_input_type=Annotated[float, Field(gt=0, le=100)] | CanaryStep,
+    ),
+]
+
+
+class BlueGreenSpec(StrictModel):
+    """Atomic switch of Production, a bake period against the switched service, switch back on failure."""
+
+    pre_switch_requests: int = Field(
+        10,
+        ge=0,
+        le=100_000,
+        description="Smoke requests to the new version before the switch; any error aborts.",
+    )
+    baseline_requests: int = Field(
+        50, ge=5, le=1_000_000, description="Requests to Production before the switch: the reference window."
+    )
+    bake_requests: int = Field(
+        100, ge=5, le=10_000_000, description="Requests to the switched Production service the bake needs."
+    )
+    bake_s: float = Field(
+        30,
+        gt=0,
+        le=604_800,
+        description="Seconds the bake lasts at least (with bake_requests: both must hold).",
+    )
+    switch_timeout_s: float = Field(
+        60,
+        gt=0,
+        le=3600,
+        description="Longest wait for the service to serve the new version after the switch.",
+    )
+    registry_poll_s: float = Field(
+        0.5, ge=0.1, le=60, description="How often the Production service re-reads the registry."
+    )
+
+
+class ShadowSpec(StrictModel):
+    """The candidate gets a copy of traffic; users only get stable's answers; both are compared."""
+
+    requests: int = Field(200, ge=5, le=10_000_000, description="Mirrored requests compared.")
+    min_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Exact-match agreement floor of candidate vs stable answers; default: reported "
+        "only (a quantized model may word answers differently and still be right).",
+    )
+    mirror_workers: int = Field(
+        2, ge=1, le=64, description="Threads sending mirrored copies (user requests never wait for them)."
+    )
 
 
 class CanarySpec(StrictModel):
-    steps: tuple[Annotated[float, Field(gt=0, le=100)], ...] = Field(
-        (5, 10, 25, 50, 100), min_length=1, description="Traffic share (percent) per step, ascending."
+    """The release strategy and its analysis: canary (default), blue_green or shadow."""
+
+    strategy: Literal["canary", "blue_green", "shadow"] = Field(
+        "canary",
+        description="canary: stepwise traffic shift; blue_green: atomic switch + bake + switch back; "
+        "shadow: mirrored traffic, users see stable only.",
+    )
+    steps: tuple[StepItem, ...] = Field(
+        (5, 10, 25, 50, 100),
+        min_length=1,
+        validate_default=True,  # the shorthand default becomes CanaryStep objects too
+        description="Canary steps, ascending to 100: a share (percent) or {share, min_requests, "
+        "duration_s}; the exponential plan of exercise 9.3 is [2, 4, 8, 16, 32, 64, 100].",
     )
     min_canary_requests: int = Field(
-        5, ge=1, le=1_000_000, description="Canary requests needed before a step is judged."
+        5, ge=1, le=1_000_000, description="Canary requests a step needs unless it sets min_requests."
     )
     max_requests_per_step: int = Field(
-        400, ge=1, le=10_000_000, description="Total requests after which a step is judged anyway."
+        400,
+        ge=1,
+        le=10_000_000,
+        description="Total requests after which a step window is judged anyway (fewer canary requests "
+        "than needed: inconclusive).",
+    )
+    traffic_per_s: float | None = Field(
+        None,
+        gt=0,
+        le=1_000_000,
+        description="Rate replayed traffic is sent at, which `lockgate plan` assumes; default: as fast "
+        "as the services answer.",
     )
     max_new_tokens: int = Field(8, ge=1, le=4096, description="Generation budget of replayed requests.")
     users: int = Field(50, ge=1, le=10_000_000, description="Distinct replayed user ids (sticky routing).")
-    thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds, description="Pass rules.")
-    promote: bool = Field(True, description="Promote automatically when every step passes.")
+    thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds, description="Effect sizes.")
+    analysis: CanaryAnalysisSpec = Field(
+        default_factory=CanaryAnalysisSpec, description="Error budget and extensions."
+    )
+    blue_green: BlueGreenSpec = Field(
+        default_factory=BlueGreenSpec, description="Parameters of strategy blue_green."
+    )
+    shadow: ShadowSpec = Field(default_factory=ShadowSpec, description="Parameters of strategy shadow.")
+    promote: bool = Field(True, description="Promote automatically when the analysis passes.")
 
     @model_validator(mode="after")
     def _budget_fits(self) -> CanarySpec:
-        if self.min_canary_requests > self.max_requests_per_step:
-            raise ValueError(
-                f"min_canary_requests ({self.min_canary_requests}) > max_requests_per_step "
-                f"({self.max_requests_per_step}): no step could ever be judged"
-            )
+        for step in self.steps:
+            needed = step.min_requests or self.min_canary_requests
+            if needed > self.max_requests_per_step:
+                raise ValueError(
+                    f"step {step.share:g}% needs {needed} canary requests > max_requests_per_step "
+                    f"({self.max_requests_per_step}): it could never be judged"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _parameters_match_strategy(self) -> CanarySpec:
+        # Compared with the defaults, not model_fields_set: a dumped resolved spec (every default
+        # written out) must load again.
+        defaults = {"blue_green": BlueGreenSpec(), "shadow": ShadowSpec()}
+        for other, default in defaults.items():
+            if getattr(self, other) != default and self.strategy != other:
+                raise ValueError(
+                    f"{other} parameters are set but strategy is {self.strategy!r}: "
+                    f"set strategy: {other} or remove them"
+                )
+        if self.strategy == "blue_green" and not self.promote:
+            raise ValueError("blue_green switches Production before its checks: promote: false cannot apply")
         return self
 
     @field_validator("steps")
     @classmethod
-    def _ascending_to_100(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if list(value) != sorted(set(value)):
+    def _ascending_to_100(cls, value: tuple[CanaryStep, ...]) -> tuple[CanaryStep, ...]:
+        shares = [step.share for step in value]
+        if shares != sorted(set(shares)):
             raise ValueError("steps must be strictly ascending, e.g. [5, 10, 25, 50, 100]")
-        if value[-1] != 100:
+        if shares[-1] != 100:
             raise ValueError("the last step must be 100 (full traffic) before promotion")
         return value
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """The steps' traffic shares, in order."""
+        return tuple(step.share for step in self.steps)
+
+    def min_requests(self, step: CanaryStep) -> int:
+        """Canary requests ``step``'s window needs (its own or the default)."""
+        return step.min_requests or self.min_canary_requests
 
 
 # ------------------------------------------------------------------------------------- monitor

@@ -32,6 +32,7 @@ def _change(base: float, cand: float) -> str:
 
 def render_summary(summary: ReleaseSummary) -> str:
     out = [f"\nrelease {summary.pipeline} -> {summary.outcome.upper()}  ({summary.elapsed_s:.0f}s)\n"]
+    out += [f"recovered  {action}" for action in summary.recovered]  # left by a killed earlier release
     for name, evaluation in summary.candidates.items():
         base, cand = evaluation.baseline.as_dict(), evaluation.candidate.as_dict()
         rows = [["metric", "baseline", name, "change"]]
@@ -58,8 +59,12 @@ def render_summary(summary: ReleaseSummary) -> str:
     if summary.bento_tag:
         out.append(f"bento      {summary.bento_tag}")
     if summary.canary is not None:
-        steps = " ".join(f"{s.share:g}%:{'ok' if s.passed else 'FAIL'}" for s in summary.canary.steps)
-        out.append(f"canary     {steps} -> {summary.canary.decision} ({summary.canary.reason})")
+        verdicts = {"pass": "ok", "fail": "FAIL", "inconclusive": "HOLD"}
+        steps = " ".join(
+            f"{s.share:g}%:{verdicts[s.verdict]}{'+' * s.extensions}" for s in summary.canary.steps
+        )
+        c = summary.canary
+        out.append(f"canary     {c.strategy}: {steps} -> {c.decision} ({c.reason})")
     if summary.drift is not None:
         where = f" -> {summary.drift.html_path}" if summary.drift.html_path else ""
         out.append(

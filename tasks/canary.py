@@ -1,37 +1,75 @@
-"""Stage 6: progressive canary between the stable (Production) and candidate (Staging) services.
+"""Stage 6: release the staged candidate by the spec's strategy — canary (default), blue-green or shadow.
 
-Routing is sticky: a user's bucket is a hash of their id in [0, 100), and the user goes to the
-canary while ``bucket < share``. As the share grows 5 → 10 → … → 100 a user on the canary stays
-there and the canary's user set only grows. Each step is judged on its own window of canary
-requests against the stable requests seen so far (at 100 % stable gets no new traffic).
+Canary routing is sticky: a user's bucket is a hash of their id in [0, 100), and the user goes to the
+canary while ``bucket < share``. As the share grows 5 → 10 → … → 100 a user on the canary stays there
+and the canary's user set only grows.
+
+Each step holds its share until its window has ``min_requests`` canary requests and lasts
+``duration_s``; the analysis (tasks/canary_analysis.py) is fed every request, so a clearly bad canary
+is stopped mid-step by the sequential checks, and judges the window at its end: pass → next step,
+fail → roll back, inconclusive → hold and extend the window (up to ``analysis.max_extensions``), then
+fail. The decision is a registry transition (tasks/registry.py) and is recorded in MLflow: per-step
+metrics with every test statistic, ``decision.json``, tags on the model versions.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import httpx
-import numpy as np
 from prefect import task
 
-from tasks import registry
+from tasks import registry, release_lock
+from tasks.canary_analysis import (
+    CanaryAnalyzer,
+    CheckResult,
+    Outcome,
+    Target,
+    Verdict,
+    WindowStats,
+    combine,
+    judge_recorded,
+    window_stats,
+)
+from tasks.errors import StageFailed
 from tasks.log import get_logger
 from tasks.registry import ModelVersionRef
-from tasks.serving import start_services
+from tasks.replay import Pacer, ReplayTraffic, send
+from tasks.serving import ServiceProcess, launch_service, wait_ready
+from tasks.settings import get_settings
 from tasks.tracking import stage_run
 
 if TYPE_CHECKING:
-    from flows.spec import CanarySpec
+    from flows.spec import CanarySpec, CanaryStep
+
+__all__ = [
+    "CanaryResult",
+    "Outcome",
+    "ReplayTraffic",
+    "StepResult",
+    "WindowStats",
+    "apply_decision",
+    "canary_task",
+    "judge_step",
+    "route",
+    "run_canary",
+    "send",
+    "user_bucket",
+    "window_stats",
+]
 
 log = get_logger(__name__)
-Target = Literal["stable", "canary"]
+Progress = Callable[[str], None]
+#: Fewer successful stable requests than this in a step's window (a 100 % step has none): the window
+#: checks compare against every stable request of the release instead.
+MIN_STABLE_WINDOW = 20
 
 
 def user_bucket(user_id: str) -> float:
@@ -45,44 +83,30 @@ def route(user_id: str, canary_share: float) -> Target:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    target: Target
-    ok: bool
-    latency_ms: float
-    status_code: int
-
-
-@dataclass(frozen=True)
-class WindowStats:
-    requests: int
-    errors: int
-    latency_p50_ms: float
-    latency_p95_ms: float
-
-    @property
-    def success_rate(self) -> float:
-        return 1 - self.errors / self.requests if self.requests else math.nan
-
-    @property
-    def error_rate(self) -> float:
-        return self.errors / self.requests if self.requests else math.nan
-
-
-def window_stats(outcomes: list[Outcome]) -> WindowStats:
-    ok_latencies = [o.latency_ms for o in outcomes if o.ok]
-    p50 = float(np.percentile(ok_latencies, 50)) if ok_latencies else math.nan
-    p95 = float(np.percentile(ok_latencies, 95)) if ok_latencies else math.nan
-    return WindowStats(len(outcomes), sum(not o.ok for o in outcomes), p50, p95)
-
-
-@dataclass(frozen=True)
 class StepResult:
+    """One step (or phase of blue-green / shadow) as judged, with every check's numbers."""
+
     share: float
+    verdict: Verdict
+    checks: tuple[CheckResult, ...]
     canary: WindowStats
     stable: WindowStats
-    latency_p_value: float  # Mann-Whitney U, two-sided (chapter: p > 0.05 means no significant difference)
-    passed: bool
-    reasons: tuple[str, ...]
+    extensions: int = 0
+    elapsed_s: float = 0.0
+    stopped_early: bool = False  # a sequential check failed before the window was complete
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """Messages of the checks that did not pass."""
+        return tuple(f"{c.name}: {c.message}" for c in self.checks if c.verdict != "pass")
+
+    @property
+    def latency_p_value(self) -> float:
+        return next((c.p_value for c in self.checks if c.name == "latency"), math.nan)
 
 
 @dataclass(frozen=True)
@@ -90,97 +114,205 @@ class CanaryResult:
     steps: tuple[StepResult, ...]
     decision: Literal["promote", "rollback"]
     reason: str
+    strategy: Literal["canary", "blue_green", "shadow"] = "canary"
+    canary_requests: int = 0
+    report: str | None = None  # the shadow report's path
+    details: dict[str, float | str] = field(default_factory=dict)
+
+
+def _stable_reference(window: list[Outcome], seen: list[Outcome]) -> list[Outcome]:
+    if sum(o.ok for o in window) >= MIN_STABLE_WINDOW:
+        return window
+    return seen + window
 
 
 def judge_step(share: float, canary: list[Outcome], stable: list[Outcome], spec: CanarySpec) -> StepResult:
-    """Pass/fail of one step from the spec's thresholds."""
-    from scipy.stats import mannwhitneyu
+    """Judge a recorded window of one step on its own (no sequential history before it)."""
+    verdict, checks = judge_recorded(share, canary, stable, spec)
+    return StepResult(share, verdict, checks, window_stats(canary), window_stats(stable))
 
-    c, s = window_stats(canary), window_stats(stable)
-    t = spec.thresholds
-    reasons: list[str] = []
-    if c.requests < spec.min_canary_requests:
-        reasons.append(
-            f"only {c.requests} canary requests (< min_canary_requests {spec.min_canary_requests})"
-        )
-    elif c.success_rate < t.min_success_rate:
-        reasons.append(f"canary success rate {c.success_rate:.3f} < {t.min_success_rate}")
-    if s.requests and c.requests and c.error_rate - s.error_rate > t.max_error_rate_increase:
-        reasons.append(
-            f"canary error rate {c.error_rate:.3f} exceeds stable {s.error_rate:.3f} "
-            f"by more than {t.max_error_rate_increase}"
-        )
-    if s.requests and c.requests and not math.isnan(c.latency_p95_ms) and not math.isnan(s.latency_p95_ms):
-        ratio = c.latency_p95_ms / s.latency_p95_ms
-        if ratio > t.max_latency_p95_ratio:
-            reasons.append(f"canary p95 latency x{ratio:.2f} of stable (> {t.max_latency_p95_ratio})")
-    c_lat = [o.latency_ms for o in canary if o.ok]
-    s_lat = [o.latency_ms for o in stable if o.ok]
-    p_value = float(mannwhitneyu(c_lat, s_lat).pvalue) if len(c_lat) >= 2 and len(s_lat) >= 2 else math.nan
-    return StepResult(share, c, s, p_value, not reasons, tuple(reasons))
+
+def log_step(step: StepResult) -> None:
+    log.info(
+        "canary step %g%%: %s after %d canary req (success %.3f, p50 %.1f ms) vs %d stable req "
+        "(p50 %.1f ms), %d extension(s)%s%s",
+        step.share,
+        step.verdict.upper(),
+        step.canary.requests,
+        step.canary.success_rate,
+        step.canary.latency_p50_ms,
+        step.stable.requests,
+        step.stable.latency_p50_ms,
+        step.extensions,
+        ", stopped early" if step.stopped_early else "",
+        "".join(f"\n  {r}" for r in step.reasons),
+    )
+
+
+Sender = Callable[[Target, str, str], Outcome]
+"""Sends one request (target, prompt, user id) and returns its outcome: HTTP here, simulated in bench/."""
 
 
 @dataclass
-class ReplayTraffic:
-    """Replays prompts as users ``user-0 … user-{n-1}`` round-robin."""
+class _Traffic:
+    """What the steps of one canary share: the replayed users, pacing, the sender and the analysis."""
 
-    prompts: list[str]
-    users: int
-    _cycle: itertools.count = field(default_factory=itertools.count)
-
-    def next(self) -> tuple[str, str]:
-        i = next(self._cycle)
-        return f"user-{i % self.users}", self.prompts[i % len(self.prompts)]
-
-
-def send(
-    client: httpx.Client, url: str, target: Target, prompt: str, user_id: str, max_new_tokens: int
-) -> Outcome:
-    """One request; any transport error or non-2xx counts as a failed request, never raised."""
-    started = time.perf_counter()
-    try:
-        response = client.post(
-            f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens, "user_id": user_id}
-        )
-        code = response.status_code
-    except httpx.TransportError:
-        code = 0  # a dead or hung server is an error of that version, which is what we measure
-    return Outcome(target, 200 <= code < 300, (time.perf_counter() - started) * 1000, code)
+    send: Sender
+    traffic: ReplayTraffic
+    pacer: Pacer
+    analyzer: CanaryAnalyzer
+    spec: CanarySpec
+    report: Progress
+    stable_seen: list[Outcome] = field(default_factory=list)
 
 
-def run_canary(stable_url: str, canary_url: str, prompts: list[str], spec: CanarySpec) -> CanaryResult:
-    """Walk the steps; stop at the first failing step (rollback) or pass them all (promote)."""
-    traffic = ReplayTraffic(prompts, spec.users)
-    urls = {"stable": stable_url, "canary": canary_url}
-    stable_seen: list[Outcome] = []
+def _run_step(t: _Traffic, step: CanaryStep, phase: str) -> StepResult:
+    """Hold ``step``'s share until its window is complete (extended while inconclusive) or a
+    sequential check fails."""
+    spec = t.spec
+    need = spec.min_requests(step)
+    started = time.monotonic()
+    canary: list[Outcome] = []
+    stable: list[Outcome] = []
+    extensions, sent = 0, 0
+    failing: tuple[CheckResult, ...] = ()
+    while True:
+        rounds = 1 + extensions
+        while (
+            len(canary) < need * rounds or time.monotonic() - started < (step.duration_s or 0) * rounds
+        ) and sent < spec.max_requests_per_step * rounds:
+            t.pacer.wait()
+            user_id, prompt = t.traffic.next()
+            target = route(user_id, step.share)
+            outcome = t.send(target, prompt, user_id)
+            sent += 1
+            (canary if target == "canary" else stable).append(outcome)
+            t.analyzer.observe(outcome)
+            if sent % 50 == 0:
+                t.report(phase)
+            failing = t.analyzer.sequential_failure()
+            if failing:
+                break
+        reference = _stable_reference(stable, t.stable_seen)
+        if failing:  # stopped early: the window checks are reported too, for the record
+            checks = (*failing, *t.analyzer.window_checks(canary, reference))
+            verdict: Verdict = "fail"
+            break
+        checks = t.analyzer.judge_window(canary, reference, need * rounds)
+        verdict = combine(checks)
+        if verdict != "inconclusive":
+            break
+        if extensions >= spec.analysis.max_extensions:
+            verdict = "fail"  # Argo's inconclusive limit: no verdict in time is a failure
+            break
+        extensions += 1
+        t.report(f"{phase}, extension {extensions}")
+        log.info("canary step %g%% inconclusive: window extended (%d)", step.share, extensions)
+    t.stable_seen.extend(stable)
+    return StepResult(
+        step.share,
+        verdict,
+        tuple(checks),
+        window_stats(canary),
+        window_stats(reference),
+        extensions,
+        time.monotonic() - started,
+        bool(failing),
+    )
+
+
+def run_steps(
+    sender: Sender,
+    prompts: list[str],
+    spec: CanarySpec,
+    progress: Progress | None = None,
+    verbose: bool = True,
+) -> CanaryResult:
+    """Walk the steps with ``sender``; stop at the first failing step (rollback) or pass them all."""
+    report = progress or (lambda _phase: None)
+    shared = _Traffic(
+        sender,
+        ReplayTraffic(prompts, spec.users),
+        Pacer(spec.traffic_per_s),
+        CanaryAnalyzer.for_spec(spec),
+        spec,
+        report,
+    )
     results: list[StepResult] = []
+    for index, step in enumerate(spec.steps):
+        phase = f"canary step {index + 1}/{len(spec.steps)} at {step.share:g}%"
+        report(phase)
+        result = _run_step(shared, step, phase)
+        results.append(result)
+        if verbose:
+            log_step(result)
+        if result.verdict == "fail":
+            why = "; ".join(result.reasons)
+            if all(c.verdict != "fail" for c in result.checks):
+                why = f"inconclusive after {result.extensions} extension(s): {why}"
+            reason = f"step {step.share:g}%: {why}"
+            return CanaryResult(tuple(results), "rollback", reason, "canary", _canary_total(results))
+    reason = f"all {len(results)} steps passed"
+    return CanaryResult(tuple(results), "promote", reason, "canary", _canary_total(results))
+
+
+def run_canary(
+    stable_url: str,
+    canary_url: str,
+    prompts: list[str],
+    spec: CanarySpec,
+    progress: Progress | None = None,
+) -> CanaryResult:
+    """Replay ``prompts`` against the two services through the steps (see :func:`run_steps`).
+
+    ``progress`` is called with a phase label at every step and about every 50 requests (the release
+    lock's heartbeat)."""
+    urls: dict[Target, str] = {"stable": stable_url, "canary": canary_url}
     with httpx.Client(timeout=60) as client:
-        for share in spec.steps:
-            canary_window: list[Outcome] = []
-            for _ in range(spec.max_requests_per_step):
-                user_id, prompt = traffic.next()
-                target = route(user_id, share)
-                outcome = send(client, urls[target], target, prompt, user_id, spec.max_new_tokens)
-                (canary_window if target == "canary" else stable_seen).append(outcome)
-                if len(canary_window) >= spec.min_canary_requests:
-                    break
-            step = judge_step(share, canary_window, stable_seen, spec)
-            results.append(step)
-            log.info(
-                "canary step %g%%: canary %d req (success %.3f, p95 %.1f ms), "
-                "stable %d req (p95 %.1f ms) -> %s",
-                share,
-                step.canary.requests,
-                step.canary.success_rate,
-                step.canary.latency_p95_ms,
-                step.stable.requests,
-                step.stable.latency_p95_ms,
-                "pass" if step.passed else "FAIL",
-            )
-            if not step.passed:
-                reason = f"step {share:g}%: " + "; ".join(step.reasons)
-                return CanaryResult(tuple(results), "rollback", reason)
-    return CanaryResult(tuple(results), "promote", f"all {len(results)} steps passed")
+
+        def sender(target: Target, prompt: str, user_id: str) -> Outcome:
+            return send(client, urls[target], target, prompt, user_id, spec.max_new_tokens)
+
+        return run_steps(sender, prompts, spec, progress)
+
+
+def _canary_total(results: list[StepResult]) -> int:
+    return sum(r.canary.requests for r in results)
+
+
+def apply_decision(result: CanaryResult, candidate: ModelVersionRef, spec: CanarySpec, trigger: str) -> None:
+    """The registry transition a canary or shadow verdict calls for (blue-green switches itself)."""
+    if result.decision == "rollback":
+        registry.roll_back_candidate(candidate, result.reason, trigger)
+    elif spec.promote:
+        registry.promote(candidate, result.reason, trigger)
+    else:
+        registry.mark_canary_passed(candidate, result.reason, trigger)
+
+
+def _log_results(result: CanaryResult) -> None:
+    import mlflow
+
+    for index, step in enumerate(result.steps):
+        metrics = {
+            "share": step.share,
+            "canary_requests": step.canary.requests,
+            "stable_requests": step.stable.requests,
+            "canary_success_rate": step.canary.success_rate,
+            "canary_latency_p50_ms": step.canary.latency_p50_ms,
+            "canary_latency_p95_ms": step.canary.latency_p95_ms,
+            "stable_latency_p95_ms": step.stable.latency_p95_ms,
+            "extensions": step.extensions,
+            "verdict_fail": float(step.verdict == "fail"),
+        }
+        for check in step.checks:
+            metrics[f"{check.name}.observed"] = check.observed
+            metrics[f"{check.name}.p_value"] = check.p_value
+            if check.evidence is not None:
+                metrics[f"{check.name}.evidence"] = min(check.evidence, 1e300)
+        finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        mlflow.log_metrics(finite, step=index)
+    mlflow.log_metric("canary_requests_total", result.canary_requests)
 
 
 @task(name="canary")
@@ -194,17 +326,23 @@ def canary_task(
     log_dir: Path,
     parent_run_id: str | None,
     trigger: str,
+    lock: release_lock.LockRef | None = None,
+    report_dir: Path | None = None,
 ) -> CanaryResult:
-    """Serve stable and candidate from the bento, replay traffic through the steps, then promote or
-    roll back by registry stage transitions. Services are stopped whatever happens."""
+    """Serve stable and candidate from the bento, run the spec's strategy, then promote or roll back by
+    registry stage transitions. Services are stopped whatever happens; ``lock`` (the release lock) is
+    renewed as the release goes and records the services, so a killed release can be cleaned up."""
     import mlflow
 
-    with stage_run(parent_run_id, "canary"):
+    heartbeat = release_lock.Heartbeat(lock, get_settings().release_lock_ttl_s)
+    with stage_run(parent_run_id, "canary", **{"lockgate.strategy": spec.strategy}):
         mlflow.log_params(
             {
-                "steps": ",".join(f"{s:g}" for s in spec.steps),
+                "strategy": spec.strategy,
+                "steps": ",".join(f"{s:g}" for s in spec.shares),
                 "stable_version": stable.version,
                 "candidate_version": candidate.version,
+                "alpha": spec.analysis.alpha,
             }
         )
         # Two services share this machine: split its cores between them.
@@ -215,40 +353,112 @@ def canary_task(
             "log_dir": log_dir,
             "torch_threads": threads,
         }
-        stable_service, canary_service = start_services(
-            [
-                {**common, "role": "stable", "model_uri": stable.uri},
-                {**common, "role": "canary", "model_uri": candidate.uri},
-            ]
-        )
-        with stable_service, canary_service:
-            result = run_canary(stable_service.url, canary_service.url, prompts, spec)
-        for index, step in enumerate(result.steps):
-            mlflow.log_metrics(
-                {
-                    "share": step.share,
-                    "canary_requests": step.canary.requests,
-                    "canary_success_rate": step.canary.success_rate,
-                    "canary_latency_p95_ms": step.canary.latency_p95_ms,
-                    "stable_latency_p95_ms": step.stable.latency_p95_ms,
-                    "latency_mannwhitney_p": step.latency_p_value,
-                },
-                step=index,
+        if spec.strategy == "blue_green":
+            from tasks.blue_green import blue_green_launches, run_blue_green
+
+            services, failed = start_release_services(blue_green_launches(common, stable, candidate, spec))
+            heartbeat("blue-green: services started", [s.process.pid for s in services])
+            try:
+                if failed is not None:
+                    registry.roll_back_candidate(candidate, failed, trigger)
+                    result = CanaryResult((), "rollback", failed, "blue_green")
+                else:
+                    result = run_blue_green(services, stable, candidate, prompts, spec, trigger, heartbeat)
+            finally:
+                for service in services:
+                    service.stop()
+        else:
+            services, failed = start_release_services(
+                [
+                    {**common, "role": "stable", "model_uri": stable.uri},
+                    {**common, "role": "canary", "model_uri": candidate.uri},
+                ]
             )
+            heartbeat(f"{spec.strategy}: services started", [s.process.pid for s in services])
+            try:
+                if failed is not None:
+                    result = CanaryResult((), "rollback", failed, spec.strategy)
+                elif spec.strategy == "shadow":
+                    from tasks.shadow import run_shadow
+
+                    result = run_shadow(
+                        services[0].url,
+                        services[1].url,
+                        prompts,
+                        spec,
+                        report_dir or log_dir / "shadow",
+                        heartbeat,
+                    )
+                else:
+                    result = run_canary(services[0].url, services[1].url, prompts, spec, heartbeat)
+            finally:
+                for service in services:
+                    service.stop()
+        _log_results(result)
         mlflow.log_dict(_decision_record(result, stable, candidate), "decision.json")
+        if result.report:
+            mlflow.log_artifact(result.report, "shadow")
+            html = Path(result.report).with_suffix(".html")
+            if html.is_file():
+                mlflow.log_artifact(str(html), "shadow")
         mlflow.set_tag("lockgate.decision", result.decision)
-        if result.decision == "promote" and spec.promote:
-            registry.promote(candidate, result.reason, trigger)
-        elif result.decision == "rollback":
-            registry.roll_back_candidate(candidate, result.reason, trigger)
+        heartbeat(f"{spec.strategy}: applying decision {result.decision}")
+        if spec.strategy != "blue_green":
+            apply_decision(result, candidate, spec, trigger)
     return result
 
 
+#: Roles of the candidate's own services: one that cannot start is the candidate's failure.
+CANDIDATE_ROLES = ("canary", "green")
+
+
+def start_release_services(
+    launches: list[dict], ready_timeout_s: float = 180
+) -> tuple[list[ServiceProcess], str | None]:
+    """Launch every service at once (start-ups overlap), then wait for each to be ready.
+
+    A candidate service that never becomes ready (its model does not load, it crashes in warm-up) is
+    the candidate failing — like a canary whose pods never get ready in Argo — and is returned as a
+    rollback reason with the stable services still running; any other failure stops all and raises."""
+    services = [launch_service(**kwargs) for kwargs in launches]
+    try:
+        for service in services:
+            try:
+                wait_ready(service, ready_timeout_s)
+            except StageFailed as exc:
+                if service.role not in CANDIDATE_ROLES:
+                    raise
+                log.warning("candidate service failed to start: %s", exc)
+                service.stop()
+                return [s for s in services if s is not service], f"candidate service failed to start: {exc}"
+            log.info("%s service ready at %s", service.role, service.url)
+    except BaseException:
+        for service in services:
+            service.stop()
+        raise
+    return services, None
+
+
 def _decision_record(result: CanaryResult, stable: ModelVersionRef, candidate: ModelVersionRef) -> dict:
-    return {
-        "decision": result.decision,
-        "reason": result.reason,
-        "stable": stable.uri,
-        "candidate": candidate.uri,
-        "steps": [asdict(s) for s in result.steps],
-    }
+    def clean(value: object) -> object:
+        # JSON has no NaN/inf: the decision artifact must be readable by any JSON parser.
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(
+        {
+            "strategy": result.strategy,
+            "decision": result.decision,
+            "reason": result.reason,
+            "stable": stable.uri,
+            "candidate": candidate.uri,
+            "canary_requests": result.canary_requests,
+            "details": result.details,
+            "steps": [{**asdict(s), "passed": s.passed} for s in result.steps],
+        }
+    )  # type: ignore[return-value]

@@ -144,19 +144,44 @@ def _equation(rng: random.Random, train_pairs: tuple[tuple[int, int], ...]) -> s
     return form.format(a=a, b=b, c=a + b)
 
 
+#: Kinds of non-addition questions and their weights (see ``_other_question``).
+QUESTION_KINDS: dict[str, float] = {
+    "successor": 1.0,
+    "larger": 1.0,
+    "minus": 1.0,
+    "larger_of": 0.0,
+    "smaller_of": 0.0,
+    "pick_larger": 0.0,
+    "symbolic_sum": 0.0,
+    "verbose_sum": 0.0,
+}
+
+
 def _other_question(rng: random.Random) -> str:
     """Questions in the instruction format that are *not* addition: the base model learns the
     ``Q:``/``A:`` layout from these, but never sees an addition question answered."""
-    kind = rng.randrange(3)
-    if kind == 0:
+    kind = rng.choices(list(QUESTION_KINDS), weights=list(QUESTION_KINDS.values()))[0]
+    a, b = rng.sample(range(MAX_OPERAND + 1), 2)
+    if kind == "successor":
         n = rng.randint(0, 198)
         return f"Q: what comes after {n}?\nA: {n + 1}"
-    if kind == 1:
-        a, b = rng.sample(range(MAX_OPERAND + 1), 2)
+    if kind == "larger":
         return f"Q: which is larger, {a} or {b}?\nA: {max(a, b)}"
-    a = rng.randint(0, MAX_OPERAND)
-    b = rng.randint(0, a)
-    return f"Q: what is {a} minus {b}?\nA: {a - b}"
+    if kind == "minus":
+        return f"Q: what is {max(a, b)} minus {min(a, b)}?\nA: {max(a, b) - min(a, b)}"
+    if kind == "larger_of":
+        return f"Q: what is the larger of {a} and {b}?\nA: {max(a, b)}"
+    if kind == "smaller_of":
+        return f"Q: what is the smaller of {a} and {b}?\nA: {min(a, b)}"
+    if kind == "pick_larger":
+        return f"Q: pick the larger of {a} and {b}.\nA: {max(a, b)}"
+    if kind == "symbolic_sum":
+        a, b = rng.choice(operand_pairs("train"))
+        return f"Q: {a} + {b} = ?\nA: {a + b}"
+    if kind == "verbose_sum":
+        a, b = rng.choice(operand_pairs("train"))
+        return f"{rng.choice(ADDITION_TEMPLATES).format(a=a, b=b)} the answer is {a + b}."
+    raise ValueError(f"unknown question kind {kind!r}")
 
 
 def pretrain_lines(n: int, seed: int) -> list[str]:

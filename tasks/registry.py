@@ -220,8 +220,12 @@ def reject_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockgate
     _decide(ref, "rejected", reason, trigger)
 
 
-def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> ModelVersionRef | None:
-    """Candidate → Production, then the old Production → Archived. Returns the old version."""
+def promote(
+    ref: ModelVersionRef, reason: str, trigger: str = "lockgate", decision: str = "promoted"
+) -> ModelVersionRef | None:
+    """Candidate → Production, then the old Production → Archived. Returns the old version.
+
+    ``decision`` is the tag the new version ends with (blue-green switches with ``baking``)."""
     old = version_in_stage(ref.name, "Production")
     if old is not None and old.version == ref.version:
         return None  # idempotent: already promoted
@@ -235,7 +239,7 @@ def promote(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> Mod
         replaced = f"replaced in Production by v{ref.version}"
         _transition(old, "Archived", replaced, trigger)
         _decide(old, "replaced", replaced, trigger)
-    _decide(ref, "promoted", reason, trigger)
+    _decide(ref, decision, reason, trigger)
     log.info(
         "promoted %s v%s to Production (previous: %s)", ref.name, ref.version, old.version if old else "-"
     )
@@ -252,16 +256,19 @@ def roll_back_candidate(ref: ModelVersionRef, reason: str, trigger: str = "lockg
 
 
 def roll_back_production(
-    name: str, reason: str, trigger: str = "lockgate"
+    name: str, reason: str, trigger: str = "lockgate", to_version: str | None = None
 ) -> tuple[ModelVersionRef, ModelVersionRef]:
-    """Production goes back to the version it replaced. Returns (restored, demoted)."""
+    """Production goes back to the version it replaced (or to ``to_version``). Returns (restored, demoted)."""
     current = version_in_stage(name, "Production")
     if current is None:
         raise RegistryError(f"{name} has no Production version to roll back")
-    previous = describe_version(current).tags.get(TAG_PREVIOUS)
+    previous = to_version or describe_version(current).tags.get(TAG_PREVIOUS)
     if not previous:
         raise RegistryError(f"{name} v{current.version} records no previous Production version")
+    if previous == current.version:
+        raise RegistryError(f"{name} v{previous} is already in Production")
     restored = ModelVersionRef(name, previous)
+    describe_version(restored)  # raises for a version that does not exist, before anything moves
     restore_reason = f"restored by rollback of v{current.version}: {reason}"
     _transition(restored, "Production", restore_reason, trigger)  # restore first: never empty
     _set_alias(name, PRODUCTION_ALIAS, restored.version)
@@ -270,6 +277,92 @@ def roll_back_production(
     _decide(restored, "restored", restore_reason, trigger)
     log.warning("rolled back %s Production v%s -> v%s: %s", name, current.version, previous, reason)
     return restored, current
+
+
+BAKING = "baking"  # blue-green: in Production, post-switch checks not finished
+
+
+def mark_decision(ref: ModelVersionRef, decision: str, reason: str, trigger: str = "lockgate") -> None:
+    """Record a decision on a version (``lockgate.decision`` / ``reason`` / ``triggered_by`` tags)."""
+    _decide(ref, decision, reason, trigger)
+
+
+def mark_canary_passed(ref: ModelVersionRef, reason: str, trigger: str = "lockgate") -> None:
+    """The analysis passed but the spec says ``promote: false``: the candidate stays in Staging, tagged
+    ``canary_passed``, for `lockgate promote` (recovery leaves such a candidate alone)."""
+    _decide(ref, "canary_passed", reason, trigger)
+
+
+def repair_interrupted(name: str, reason: str, trigger: str = "lockgate") -> list[str]:
+    """Bring the registry of ``name`` back to a consistent state after a release died mid-way.
+
+    Call only while holding the model's release lock (no live release can be mid-transition):
+
+    * two Production versions (a crash inside :func:`promote`, after the new version entered
+      Production and before the old one was archived): a canary promotion was decided, so it is
+      completed — the version whose ``lockgate.previous_production`` names another Production version
+      stays; a blue-green switch (new version tagged ``baking``) was not, so the old version stays;
+    * a Production version still ``baking`` (blue-green died during its bake): switched back;
+    * a Staging version still tagged ``staged`` or ``baking`` (its canary never reached a decision):
+      rolled back to Archived — it never got a verdict, so it must not linger half-released;
+    * aliases are set to match the stages.
+
+    Returns what was done, one line per action (empty when the registry was consistent)."""
+    actions: list[str] = []
+    versions = list_versions(name)
+    production = [v for v in versions if v.stage == "Production"]
+    if len(production) > 1:
+        numbers = {v.version for v in production}
+        newer = [v for v in production if v.tags.get(TAG_PREVIOUS) in numbers]
+        if len(newer) != 1:
+            raise RegistryError(
+                f"{name}: {len(production)} Production versions ({', '.join(sorted(numbers))}) and no single "
+                "interrupted promotion explains them; resolve with `lockgate rollback --to VERSION`"
+            )
+        switched = newer[0].tags.get(TAG_DECISION) == BAKING
+        keep = ModelVersionRef(name, newer[0].tags[TAG_PREVIOUS] if switched else newer[0].version)
+        for other in production:
+            if other.version != keep.version:
+                old = ModelVersionRef(name, other.version)
+                if switched:  # the unbaked new version goes; the one it replaced stays
+                    _transition(old, "Archived", f"blue-green bake interrupted: {reason}", trigger)
+                    _decide(old, "rolled_back", f"blue-green bake interrupted: {reason}", trigger)
+                    actions.append(
+                        f"v{other.version}: Production -> Archived (its blue-green bake never finished)"
+                    )
+                    continue
+                replaced = f"replaced in Production by v{keep.version} (interrupted promotion completed)"
+                _transition(old, "Archived", replaced, trigger)
+                _decide(old, "replaced", replaced, trigger)
+                actions.append(
+                    f"v{other.version}: Production -> Archived (completing the promotion of v{keep.version})"
+                )
+        if not switched:
+            _decide(keep, "promoted", f"interrupted promotion completed: {reason}", trigger)
+        production = [v for v in production if v.version == keep.version]
+    elif len(production) == 1 and production[0].tags.get(TAG_DECISION) == BAKING:
+        baked = production[0]
+        restored, _ = roll_back_production(name, f"blue-green bake interrupted: {reason}", trigger)
+        actions.append(
+            f"v{baked.version}: Production -> Archived, v{restored.version} restored (bake never finished)"
+        )
+        production = [v for v in list_versions(name) if v.stage == "Production"]
+    for v in versions:
+        if v.stage == "Staging" and v.tags.get(TAG_DECISION) in ("staged", BAKING):
+            roll_back_candidate(ModelVersionRef(name, v.version), reason, trigger)
+            actions.append(f"v{v.version}: Staging -> Archived (its canary never reached a decision)")
+    prod_version = production[0].version if production else None
+    if _alias_version(name, PRODUCTION_ALIAS) != prod_version:
+        _set_alias(name, PRODUCTION_ALIAS, prod_version)
+        actions.append(f"alias {PRODUCTION_ALIAS} -> {prod_version or '(removed)'}")
+    staged = version_in_stage(name, "Staging")
+    canary_alias = _alias_version(name, CANARY_ALIAS)
+    if canary_alias is not None and (staged is None or staged.version != canary_alias):
+        _set_alias(name, CANARY_ALIAS, staged.version if staged else None)
+        actions.append(f"alias {CANARY_ALIAS} -> {staged.version if staged else '(removed)'}")
+    for action in actions:
+        log.warning("%s repair: %s", name, action)
+    return actions
 
 
 def describe_version(ref: ModelVersionRef) -> VersionInfo:

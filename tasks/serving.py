@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -151,3 +152,35 @@ def wait_ready(service: ServiceProcess, timeout_s: float) -> None:
     raise StageFailed(
         "canary", f"{service.role} service not ready after {timeout_s:.0f}s: {service.log_tail()}"
     )
+
+
+def stop_orphaned_services(
+    process_groups: tuple[int, ...] | list[int], model: str, timeout_s: float = 15
+) -> list[int]:
+    """Stop services a killed release left running (their process groups, recorded in its release lock).
+
+    A process group is stopped only if its leader still runs a lockgate service of ``model`` (its
+    environment says so): a pid recycled by an unrelated process is left alone. Linux only (/proc);
+    elsewhere nothing is stopped. Returns the process groups that were stopped."""
+    marker = f"LOCKGATE_MODEL_URI=models:/{model}/".encode()
+    stopped: list[int] = []
+    for pgid in process_groups:
+        try:
+            environ = Path(f"/proc/{pgid}/environ").read_bytes()
+        except OSError:
+            continue  # gone already, or not ours to read
+        if marker not in environ:
+            continue
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and Path(f"/proc/{pgid}").exists():
+            time.sleep(0.2)
+        if Path(f"/proc/{pgid}").exists():
+            with contextlib.suppress(ProcessLookupError):  # it may exit between the check and the kill
+                os.killpg(pgid, signal.SIGKILL)
+        stopped.append(pgid)
+        log.warning("stopped orphaned %s service (process group %d)", model, pgid)
+    return stopped

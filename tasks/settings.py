@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     demo_train_steps: int | None = Field(
         None, ge=1, description="Override the demo model's pre-training steps (tests use fewer)."
     )
+    lock_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the release-lock table (tasks/release_lock.py); default: a "
+        "SQLite file in `home`. Runners on several hosts must share one database server here.",
+    )
+    release_lock_ttl_s: float = Field(
+        900, gt=0, le=86_400, description="A release lock expires this long after its last renewal."
+    )
 
     @property
     def tracking_uri(self) -> str:
@@ -38,6 +46,12 @@ class Settings(BaseSettings):
     @property
     def artifact_root(self) -> str:
         return (self.home / "mlartifacts").resolve().as_uri()
+
+    @property
+    def release_lock_url(self) -> str:
+        if self.lock_url:
+            return self.lock_url
+        return f"sqlite:///{(self.home / 'release-locks.sqlite').resolve()}"
 
     @property
     def cache_dir(self) -> Path:

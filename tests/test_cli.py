@@ -85,3 +85,94 @@ def test_validate_imports_no_heavy_library() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+PLAN_SPEC = """\
+version: 1
+pipelines:
+  paced:
+    compress: {candidates: [{name: int8, steps: [{quantize: {}}]}]}
+    canary:
+      steps: [10, {share: 50, duration_s: 30}, 100]
+      min_canary_requests: 20
+      traffic_per_s: 10
+    tracking: {registered_model: paced-llm}
+"""
+
+
+def test_plan_prints_promotion_and_rollback_times(tmp_path: Path) -> None:
+    spec = tmp_path / "pipelines.yaml"
+    spec.write_text(PLAN_SPEC)
+    done = _cli("plan", "-f", str(spec), "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    # 10 %: 200 requests for 20 canary ones at 10 req/s = 20 s; 50 %: the 30 s duration; 100 %: 2 s.
+    assert [s["min_time_s"] for s in plan["steps"]] == [20.0, 30.0, 2.0]
+    assert [s["max_time_s"] for s in plan["steps"]] == [60.0, 90.0, 6.0]  # two extensions each
+    assert plan["min_promotion_s"] == 52.0
+    assert plan["worst_case_rollback_s"] == 92.0  # longest step with extensions + the service's poll
+    assert plan["worst_case_decision_s"] == 156.0
+    text = _cli("plan", "-f", str(spec)).stdout
+    assert "minimum promotion time        52s" in text
+    assert "worst-case rollback time      92s" in text
+
+
+def test_plan_imports_no_heavy_library() -> None:
+    code = (
+        "import sys; from typer.testing import CliRunner; from flows.cli import app; "
+        "r = CliRunner().invoke(app, ['plan', '-f', 'pipelines.yaml']); "
+        "assert r.exit_code == 0, r.output; "
+        "heavy = ('torch', 'mlflow', 'bentoml', 'prefect', 'transformers', 'numpy'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_run_refuses_while_another_release_holds_the_model(tmp_path: Path, lockgate_home: Path) -> None:
+    from tasks import release_lock
+
+    spec = tmp_path / "pipelines.yaml"
+    spec.write_text(PLAN_SPEC)
+    ref, _ = release_lock.acquire("paced-llm", "dave@ci:77 (prefect-flow-run:f00)")
+    try:
+        release_lock.renew(ref, phase="canary step 1/3 at 10%")
+        done = _cli("run", "-f", str(spec))
+    finally:
+        release_lock.release(ref)
+    assert done.returncode == 1
+    assert (
+        "paced-llm: a release is already running, owned by dave@ci:77 (prefect-flow-run:f00)" in done.stderr
+    )
+    assert "phase canary step 1/3 at 10%" in done.stderr
+
+
+def test_promote_and_rollback_to_a_version(tiny_llm_dir: Path, tracking: str) -> None:
+    import uuid
+
+    import mlflow
+
+    from tasks import registry
+
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    with mlflow.start_run(run_name="cli-promote-test"):
+        v1, v2, v3 = (registry.log_model_version(tiny_llm_dir, name, {}) for _ in range(3))
+    registry.promote_first_production(v1, "first")
+    registry.stage_candidate(v2, "gates passed")
+    promoted = _cli("promote", name, "--reason", "looks good", "--json")
+    assert promoted.returncode == 0, promoted.stderr
+    assert json.loads(promoted.stdout) == {"model": name, "production": "2", "archived": "1"}
+    assert _cli("promote", name).stderr.strip() == f"{name} has no Staging version to promote; pass --version"
+    assert _cli("promote", name, "--version", "3", "--json").returncode == 0
+    rolled = _cli("rollback", name, "--to", "1", "--reason", "both bad", "--json")
+    assert rolled.returncode == 0, rolled.stderr
+    assert json.loads(rolled.stdout) == {"model": name, "production": "1", "archived": "3"}
+    assert {v.version: v.stage for v in registry.list_versions(name)} == {
+        "1": "Production",
+        "2": "Archived",
+        "3": "Archived",
+    }
+    assert registry.describe_version(v3).tags[registry.TAG_REASON] == "both bad"

@@ -117,3 +117,85 @@ def test_pyfunc_flavour_predicts(tiny_llm_dir: Path, model_name: str) -> None:
     model = mlflow.pyfunc.load_model(base.uri)
     out = model.predict(["Q: what is 3 plus 4?\nA:"], params={"max_new_tokens": 2})
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_repair_completes_an_interrupted_promotion_and_rolls_back_an_undecided_candidate(
+    tiny_llm_dir: Path, model_name: str
+) -> None:
+    base = _register(tiny_llm_dir, model_name, "baseline")
+    registry.promote_first_production(base, "first")
+    cand = _register(tiny_llm_dir, model_name, "candidate")
+    registry.stage_candidate(cand, "gates passed")
+    assert registry.repair_interrupted(model_name, "nothing to repair") == [
+        f"v{cand.version}: Staging -> Archived (its canary never reached a decision)"
+    ]
+    assert (_stage(base), _stage(cand)) == ("Production", "Archived")
+    assert registry.describe_version(cand).tags[registry.TAG_DECISION] == "rolled_back"
+    assert registry.repair_interrupted(model_name, "again") == []  # idempotent
+
+    # A crash inside promote(): the new version entered Production, the old one was never archived.
+    nxt = _register(tiny_llm_dir, model_name, "candidate")
+    registry.stage_candidate(nxt, "gates passed")
+    registry.set_tags(nxt, {registry.TAG_PREVIOUS: base.version})
+    registry._transition(nxt, "Production", "canary passed", "test")
+    assert {v.version for v in registry.list_versions(model_name) if v.stage == "Production"} == {
+        base.version,
+        nxt.version,
+    }
+    actions = registry.repair_interrupted(model_name, "release interrupted", "test")
+    assert (
+        actions[0] == f"v{base.version}: Production -> Archived (completing the promotion of v{nxt.version})"
+    )
+    assert f"alias production -> {nxt.version}" in actions
+    assert [(v.version, v.stage) for v in registry.list_versions(model_name)] == [
+        (nxt.version, "Production"),
+        (cand.version, "Archived"),
+        (base.version, "Archived"),
+    ]
+    assert registry.describe_version(nxt).aliases == (registry.PRODUCTION_ALIAS,)
+
+
+def test_rollback_to_a_named_version(tiny_llm_dir: Path, model_name: str) -> None:
+    v1 = _register(tiny_llm_dir, model_name, "baseline")
+    registry.promote_first_production(v1, "first")
+    v2 = _register(tiny_llm_dir, model_name, "candidate")
+    registry.promote(v2, "second")
+    v3 = _register(tiny_llm_dir, model_name, "candidate")
+    registry.promote(v3, "third")
+    with pytest.raises(RegistryError, match="already in Production"):
+        registry.roll_back_production(model_name, "no-op", to_version=v3.version)
+    restored, demoted = registry.roll_back_production(model_name, "v2 and v3 both bad", to_version=v1.version)
+    assert (restored, demoted) == (v1, v3)
+    assert (_stage(v1), _stage(v2), _stage(v3)) == ("Production", "Archived", "Archived")
+    assert registry.describe_version(v1).aliases == (registry.PRODUCTION_ALIAS,)
+
+
+def test_repair_switches_back_a_blue_green_release_that_died_while_baking(
+    tiny_llm_dir: Path, model_name: str
+) -> None:
+    base = _register(tiny_llm_dir, model_name, "baseline")
+    registry.promote_first_production(base, "first")
+    # Died after the switch, during the bake.
+    green = _register(tiny_llm_dir, model_name, "candidate")
+    registry.stage_candidate(green, "gates passed")
+    registry.mark_decision(green, registry.BAKING, "blue-green switch")
+    registry.promote(green, "blue-green switch", decision=registry.BAKING)
+    actions = registry.repair_interrupted(model_name, "release interrupted")
+    assert (
+        actions[0]
+        == f"v{green.version}: Production -> Archived, v{base.version} restored (bake never finished)"
+    )
+    assert (_stage(base), _stage(green)) == ("Production", "Archived")
+    # Died inside the switch itself: both in Production, the new one not baked.
+    again = _register(tiny_llm_dir, model_name, "candidate")
+    registry.stage_candidate(again, "gates passed")
+    registry.mark_decision(again, registry.BAKING, "blue-green switch")
+    registry.set_tags(again, {registry.TAG_PREVIOUS: base.version})
+    registry._transition(again, "Production", "blue-green switch", "test")
+    assert registry.repair_interrupted(model_name, "release interrupted")[0] == (
+        f"v{again.version}: Production -> Archived (its blue-green bake never finished)"
+    )
+    assert [v.version for v in registry.list_versions(model_name) if v.stage == "Production"] == [
+        base.version
+    ]
+    assert registry.describe_version(base).aliases == (registry.PRODUCTION_ALIAS,)

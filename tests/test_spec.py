@@ -52,7 +52,7 @@ def test_minimal_spec_loads_with_defaults() -> None:
     name, pipeline = spec.pipeline(None)
     assert name == "demo"
     assert pipeline.compress.candidates[0].steps[0].kind == "quantize"
-    assert pipeline.canary.steps == (5, 10, 25, 50, 100)
+    assert pipeline.canary.shares == (5, 10, 25, 50, 100)
     assert pipeline.tracking.experiment == "lockgate"
 
 
@@ -336,3 +336,63 @@ def test_repository_pipelines_yaml_validates() -> None:
     if not path.exists():
         pytest.skip("pipelines.yaml is not in the repository yet")
     assert isinstance(load_spec(path), PipelinesFile)
+
+
+# ------------------------------------------------------------------------- canary strategies
+def test_canary_steps_take_shorthand_and_objects_and_the_exponential_plan() -> None:
+    text = MINIMAL + (
+        "    canary:\n"
+        "      steps: [2, 4, 8, 16, 32, 64, {share: 100, min_requests: 50, duration_s: 300}]\n"
+        "      min_canary_requests: 30\n"
+    )
+    canary = load_spec_text(text, FILE).pipelines["demo"].canary
+    assert canary.shares == (2, 4, 8, 16, 32, 64, 100)  # exercise 9.3: 2 -> 4 -> ... -> 100
+    assert [canary.min_requests(s) for s in canary.steps] == [30] * 6 + [50]
+    assert canary.steps[-1].duration_s == 300
+    assert canary.strategy == "canary" and canary.analysis.alpha == 0.05
+
+
+def test_bad_step_durations_are_errors_never_defaults() -> None:
+    text = (
+        MINIMAL + "    canary:\n      steps: [5, {share: 50, duration_s: 0}, {share: 100, duration_s: 5m}]\n"
+    )
+    assert problems_of(text) == [
+        "p.yaml:12:42: pipelines.demo.canary.steps.1.duration_s: Input should be greater than 0 (got 0)",
+        "p.yaml:12:71: pipelines.demo.canary.steps.2.duration_s: "
+        "Input should be a valid number, unable to parse string as a number (got '5m')",
+    ]
+
+
+def test_step_typos_and_non_steps_point_at_the_step() -> None:
+    assert problems_of(MINIMAL + "    canary:\n      steps: [5, {share: 50, min_request: 10}, 100]\n") == [
+        "p.yaml:12:30: pipelines.demo.canary.steps.1.min_request: "
+        "unknown key 'min_request'; did you mean 'min_requests'?"
+    ]
+    assert problems_of(MINIMAL + "    canary:\n      steps: [5, fifty, 100]\n") == [
+        "p.yaml:12:18: pipelines.demo.canary.steps.1: "
+        "a step is a traffic share (e.g. 25) or a mapping {share, min_requests, duration_s} (got 'fifty')"
+    ]
+
+
+def test_strategy_parameters_must_match_the_strategy() -> None:
+    assert problems_of(MINIMAL + "    canary:\n      strategy: canary\n      shadow: {requests: 50}\n") == [
+        "p.yaml:12:7: pipelines.demo.canary: "
+        "shadow parameters are set but strategy is 'canary': set strategy: shadow or remove them"
+    ]
+    text = (
+        MINIMAL
+        + "    canary:\n      strategy: blue_green\n      blue_green: {bake_s: 5, bake_requests: 20}\n"
+    )
+    canary = load_spec_text(text, FILE).pipelines["demo"].canary
+    assert (canary.blue_green.bake_s, canary.blue_green.bake_requests) == (5, 20)
+    assert problems_of(MINIMAL + "    canary: {strategy: blue_green, promote: false}\n") == [
+        "p.yaml:11:13: pipelines.demo.canary: "
+        "blue_green switches Production before its checks: promote: false cannot apply"
+    ]
+
+
+def test_a_step_that_could_never_be_judged_is_refused() -> None:
+    assert problems_of(MINIMAL + "    canary:\n      steps: [{share: 5, min_requests: 900}, 100]\n") == [
+        "p.yaml:12:7: pipelines.demo.canary: "
+        "step 5% needs 900 canary requests > max_requests_per_step (400): it could never be judged"
+    ]
