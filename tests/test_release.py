@@ -23,7 +23,7 @@ from tasks import registry
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=REPO_ROOT,
