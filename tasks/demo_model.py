@@ -335,7 +335,7 @@ def _add_lora(model: LlamaForCausalLM, hp: DemoHyperparams) -> Any:
 def _encode_documents(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str]) -> list[list[int]]:
     """``<s> doc \\n </s>`` per document: the same ending the questions are trained with."""
     eos = tokenizer.eos_token_id
-    return [ids + [eos] for ids in tokenizer([d + "\n" for d in docs])["input_ids"]]
+    return [[*ids, eos] for ids in tokenizer([d + "\n" for d in docs])["input_ids"]]
 
 
 def _encode_questions(
