@@ -57,7 +57,11 @@ def test_pretrain_lines_mix() -> None:
     for line in equations:
         a, b, c = map(int, re.findall(r"\d+", line))
         assert a + b == c
-    assert len(equations) > 800
+    from tasks.demo_corpus import EQUATION_FORMS, PRETRAIN_MIX
+
+    # Symbolic facts are one of the addition forms: expect their share of the mix, within sampling noise.
+    expected = 2000 * PRETRAIN_MIX["addition"] * EQUATION_FORMS["{a} + {b} = {c}"]
+    assert 0.8 * expected < len(equations) < 1.2 * expected
     assert any(line.startswith("Q: ") and "\nA: " in line for line in lines)
     assert any(line.endswith(".") and not line[0].isdigit() for line in lines)
     # The base model never sees an addition *question*: that is what post-training teaches.
@@ -184,7 +188,8 @@ def test_second_call_reuses_cache(model_dir: Path, cache_dir: Path) -> None:
     assert time.perf_counter() - started < 5.0
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
     # Atomic write: only the final folder, no temporary sibling left behind.
-    assert [p.name for p in cache_dir.iterdir()] == [model_dir.name]
+    # (the hidden .lock file serialises concurrent trainers and is expected to stay)
+    assert [p.name for p in cache_dir.iterdir() if not p.name.startswith(".")] == [model_dir.name]
 
 
 def test_adapter_loads_with_peft_and_matches_merged(model_dir: Path) -> None:
