@@ -5,11 +5,13 @@ canary while ``bucket < share``. As the share grows 5 → 10 → … → 100 a u
 and the canary's user set only grows.
 
 Each step holds its share until its window has ``min_requests`` canary requests and lasts
-``duration_s``; the analysis (tasks/canary_analysis.py) is fed every request, so a clearly bad canary
-is stopped mid-step by the sequential checks, and judges the window at its end: pass → next step,
-fail → roll back, inconclusive → hold and extend the window (up to ``analysis.max_extensions``), then
-fail. The decision is a registry transition (tasks/registry.py) and is recorded in MLflow: per-step
-metrics with every test statistic, ``decision.json``, tags on the model versions.
+``duration_s`` (at 100 % every request is also mirrored to stable, whose answer nobody gets, so the
+last step is still compared with a concurrent baseline). The analysis (tasks/canary_analysis.py) is
+fed every request, so a clearly bad canary is stopped mid-step by the sequential checks, and judges
+the window at its end: pass → next step, fail → roll back, inconclusive → hold and extend the window
+(up to ``analysis.max_extensions``), then fail. The decision is a registry transition
+(tasks/registry.py) and is recorded in MLflow: per-step metrics with every test statistic,
+``decision.json``, tags on the model versions.
 """
 
 from __future__ import annotations
@@ -188,6 +190,14 @@ def _run_step(t: _Traffic, step: CanaryStep, phase: str) -> StepResult:
             sent += 1
             (canary if target == "canary" else stable).append(outcome)
             t.analyzer.observe(outcome)
+            if step.share >= 100:
+                # Nobody is served by stable any more, but comparing with stable's answers from earlier
+                # steps compares two different times (a machine's load drifts: an identical candidate
+                # measured x1.25 "slower" that way). A mirrored copy, never shown to the user, keeps a
+                # concurrent baseline — as Kayenta runs a baseline next to the canary.
+                mirrored = t.send("stable", prompt, user_id)
+                stable.append(mirrored)
+                t.analyzer.observe(mirrored)
             if sent % 50 == 0:
                 t.report(phase)
             failing = t.analyzer.sequential_failure()

@@ -209,7 +209,7 @@ class TwoProportionEProcess:
     Observations are grouped in blocks that close as soon as a block holds both a canary and a stable
     observation (membership depends only on routing, never on outcomes, as validity requires). The
     alternatives of a block are computed from earlier blocks only (predictable). Canary observations
-    without any stable traffic (a 100 % step) wait in the open block and add no evidence."""
+    without stable ones wait in the open block (the canary mirrors requests to stable at 100 %)."""
 
     def __init__(self, tolerance: float) -> None:
         self.deltas = effect_grid(tolerance)

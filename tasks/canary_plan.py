@@ -73,7 +73,8 @@ def plan_release(spec: CanarySpec) -> ReleasePlan:
     if spec.strategy == "canary":
         for step in spec.steps:
             need = spec.min_requests(step)
-            expected = need * 100 / step.share
+            # At 100 % each request is mirrored to stable (the concurrent baseline): twice the requests.
+            expected = need * 100 / step.share if step.share < 100 else 2 * need
             cap = spec.max_requests_per_step
             cut = expected > cap
             if cut:

@@ -106,14 +106,15 @@ def test_plan_prints_promotion_and_rollback_times(tmp_path: Path) -> None:
     done = _cli("plan", "-f", str(spec), "--json")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
-    # 10 %: 200 requests for 20 canary ones at 10 req/s = 20 s; 50 %: the 30 s duration; 100 %: 2 s.
-    assert [s["min_time_s"] for s in plan["steps"]] == [20.0, 30.0, 2.0]
-    assert [s["max_time_s"] for s in plan["steps"]] == [60.0, 90.0, 6.0]  # two extensions each
-    assert plan["min_promotion_s"] == 52.0
+    # 10 %: 200 requests for 20 canary ones at 10 req/s = 20 s; 50 %: the 30 s duration; 100 %: 20
+    # canary requests, each mirrored to stable (the concurrent baseline) = 4 s.
+    assert [s["min_time_s"] for s in plan["steps"]] == [20.0, 30.0, 4.0]
+    assert [s["max_time_s"] for s in plan["steps"]] == [60.0, 90.0, 12.0]  # two extensions each
+    assert plan["min_promotion_s"] == 54.0
     assert plan["worst_case_rollback_s"] == 92.0  # longest step with extensions + the service's poll
-    assert plan["worst_case_decision_s"] == 156.0
+    assert plan["worst_case_decision_s"] == 162.0
     text = _cli("plan", "-f", str(spec)).stdout
-    assert "minimum promotion time        52s" in text
+    assert "minimum promotion time        54s" in text
     assert "worst-case rollback time      92s" in text
 
 

@@ -128,7 +128,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_llm_dir: Path, tracking
             service.stop()
 
 
-CANARY = CanarySpec(steps=(20, 50, 100), min_canary_requests=20, users=97, max_new_tokens=6)
+# Five services share two (contended) cores: their relative speed drifts by ~20 %, so the latency
+# tolerance is x1.5 here; the slow candidate is ~x2-3.
+CANARY = CanarySpec(
+    steps=(20, 50, 100),
+    min_canary_requests=20,
+    users=97,
+    max_new_tokens=6,
+    thresholds={"max_latency_ratio": 1.5},
+)
 
 
 def test_canary_rolls_back_faulty_candidates_and_promotes_an_identical_one(fleet: Fleet) -> None:
@@ -144,10 +152,11 @@ def test_canary_rolls_back_faulty_candidates_and_promotes_an_identical_one(fleet
     errors = results["errors"]
     assert errors.decision == "rollback" and "error_rate" in errors.reason, errors.reason
     first = errors.steps[0]
-    # Caught in the first step (possibly in an extension of its window) by the sequential rule, which
-    # does not wait for a window's end.
-    assert len(errors.steps) == 1 and first.stopped_early
-    assert first.canary.errors >= 2 and first.stable.errors == 0
+    # Caught in the first step (usually in an extension of its window: the sequential rule stops it
+    # without waiting for the window's end).
+    assert len(errors.steps) == 1 and first.canary.errors >= 2 and first.stable.errors == 0
+    error_check = next(c for c in first.checks if c.name == "error_rate")
+    assert error_check.verdict == "fail" and error_check.observed > 0.05
 
     empty = results["empty"]
     assert empty.decision == "rollback" and "empty_rate" in empty.reason, empty.reason
@@ -156,7 +165,7 @@ def test_canary_rolls_back_faulty_candidates_and_promotes_an_identical_one(fleet
     slow = results["slow"]
     assert slow.decision == "rollback" and "latency" in slow.reason, slow.reason
     latency = next(c for c in slow.steps[-1].checks if c.name == "latency")
-    assert latency.verdict == "fail" and latency.observed > 1.5  # Hodges-Lehmann ratio, about 2x
+    assert latency.verdict == "fail" and latency.observed > 1.5  # Hodges-Lehmann ratio, x2-3
 
     identical = results["identical"]
     assert identical.decision == "promote", identical.reason
@@ -192,7 +201,14 @@ def test_shadow_serves_users_from_stable_only_and_reports_side_by_side(fleet: Fl
     assert len(failed) == sum(p["prompt"] in BAD_PROMPTS for p in pairs)
     assert "<th>candidate (shadow)</th>" in (tmp_path / "bad" / "shadow.html").read_text()
 
-    strict = CanarySpec(strategy="shadow", shadow={"requests": 30, "min_agreement": 0.9}, users=97)
+    # Copies run at the same time as the users' requests, on two contended cores: latency is not what
+    # this comparison is about (the canary test covers latency faults).
+    strict = CanarySpec(
+        strategy="shadow",
+        shadow={"requests": 30, "min_agreement": 0.9},
+        thresholds={"max_latency_ratio": 3.0},
+        users=97,
+    )
     same = run_shadow(stable.url, fleet.services["identical"].url, PROMPTS, strict, tmp_path / "same")
     assert same.decision == "promote", same.reason
     assert same.details["agreement"] == 1.0  # greedy decoding, same weights: the same text
