@@ -56,7 +56,7 @@ def test_stage_transition_switches_served_version_under_load(
         time.sleep(1.5)
         registry.promote(v2, "hot swap test")
         promoted_at = time.monotonic()
-        deadline = promoted_at + 15
+        deadline = promoted_at + 30
         while time.monotonic() < deadline and not any(v == v2.version for _, _, v in answers[-3:]):
             time.sleep(0.2)
         time.sleep(1.0)
@@ -67,7 +67,9 @@ def test_stage_transition_switches_served_version_under_load(
     assert statuses == {200}, f"failed requests during the swap: {statuses}"
     before = [v for t, _, v in answers if t < promoted_at]
     assert before and set(before) == {v1.version}
-    first_new = min(t for t, _, v in answers if v == v2.version)
+    switched = [t for t, _, v in answers if v == v2.version]
+    assert switched, f"v{v2.version} never served within 30 s of its promotion"
+    first_new = min(switched)
     assert first_new - promoted_at < 5.0, f"served v2 only {first_new - promoted_at:.1f}s after promotion"
     # Once switched, it stays switched.
     assert {v for t, _, v in answers if t > first_new} == {v2.version}
