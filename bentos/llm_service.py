@@ -597,6 +597,10 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lockgate-micro-batcher")
 
+    def swap_model(self, model: LoadedModel) -> None:
+        """Serve later batches with ``model``; a batch already running finishes on the old one."""
+        self._model = model
+
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -660,9 +664,10 @@ class MicroBatcher:
         for p in live:
             self._on_wait(started - p.enqueued)
         first = live[0].request
+        model = self._model  # captured: a hot swap during this batch affects only later batches
         try:
             results = await asyncio.to_thread(
-                self._model.generate,
+                model.generate,
                 [p.request.prompt for p in live],
                 [p.request.max_new_tokens for p in live],
                 temperature=first.temperature,
@@ -842,22 +847,27 @@ class LLMService:
         return version, model
 
     def _swap_in(self, version: str, model: LoadedModel) -> None:
-        """Make ``model`` the served one; the old batcher finishes its requests, then the old model
-        is released (nothing references it any more)."""
+        """Make ``model`` the served one. One batcher lives for the whole process: on a hot swap it
+        runs later batches on the new model while a running batch finishes on the old one, which is
+        then released (nothing references it any more)."""
         cfg = self.settings.config
-        metrics = self.accounting.metrics
-        batcher = MicroBatcher(
-            model,
-            cfg.max_batch_size,
-            cfg.max_latency_ms / 1000.0,
-            metrics.batch_size.observe,
-            metrics.queue_wait.observe,
-        )
-        batcher.start()
-        old, self.served = self.served, Served(model, batcher, version)
+        old = self.served
+        if old is None:
+            metrics = self.accounting.metrics
+            batcher = MicroBatcher(
+                model,
+                cfg.max_batch_size,
+                cfg.max_latency_ms / 1000.0,
+                metrics.batch_size.observe,
+                metrics.queue_wait.observe,
+            )
+            batcher.start()
+        else:
+            batcher = old.batcher
+            batcher.swap_model(model)
+        self.served = Served(model, batcher, version)
         self.accounting.serving_version = version
         if old is not None:
-            self._background.append(asyncio.create_task(old.batcher.drain_and_stop()))
             logger.info("hot swap: now serving v%s (was v%s)", version, old.version)
 
     async def _follow_registry(self) -> None:

@@ -136,6 +136,9 @@ class _TokenQueue(BaseStreamer):
         self.items.put(("end", None))
 
 
+_FORWARD_LOCK = threading.RLock()
+
+
 class LoadedModel:
     """A causal LM and its tokenizer, ready for batched generation. Thread-safe: calls are serialised."""
 
@@ -152,9 +155,10 @@ class LoadedModel:
         self.device = device
         self.folder = folder
         self.quantization = quantization
-        # One forward pass at a time: the model is not re-entrant (KV caches, global RNG for seeds), and
-        # on 2 CPU cores parallel passes would only fight over the same cores.
-        self._lock = threading.Lock()
+        # One forward pass at a time per process, across models: the model is not re-entrant (KV caches,
+        # global RNG for seeds); two models (old and new during a registry hot swap) running passes at
+        # once were seen to hang the service; and on few CPU cores parallel passes only fight anyway.
+        self._lock = _FORWARD_LOCK
         self._eos_ids = _eos_ids(model, tokenizer)
 
     def generate(

@@ -54,6 +54,8 @@ def test_stage_transition_switches_served_version_under_load(
         for w in workers:
             w.start()
         time.sleep(1.5)
+        # The service may switch while promote() is still tagging: time the transition from its start.
+        asked_at = time.monotonic()
         registry.promote(v2, "hot swap test")
         promoted_at = time.monotonic()
         deadline = promoted_at + 30
@@ -65,11 +67,12 @@ def test_stage_transition_switches_served_version_under_load(
             w.join()
     statuses = {code for _, code, _ in answers}
     assert statuses == {200}, f"failed requests during the swap: {statuses}"
-    before = [v for t, _, v in answers if t < promoted_at]
+    before = [v for t, _, v in answers if t < asked_at]
     assert before and set(before) == {v1.version}
     switched = [t for t, _, v in answers if v == v2.version]
     assert switched, f"v{v2.version} never served within 30 s of its promotion"
     first_new = min(switched)
     assert first_new - promoted_at < 5.0, f"served v2 only {first_new - promoted_at:.1f}s after promotion"
+    assert first_new >= asked_at
     # Once switched, it stays switched.
     assert {v for t, _, v in answers if t > first_new} == {v2.version}
