@@ -20,6 +20,7 @@ from flows.spec_loader import load_spec, resolved_spec
 from tasks import release_lock
 from tasks.canary import CanaryResult, canary_task
 from tasks.compress import CompressedModel, compress_task
+from tasks.compression.base import StepContext
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.log import run_logger
 from tasks.model_source import prepare_parent
@@ -29,7 +30,7 @@ from tasks.recovery import recover_interrupted
 from tasks.register import Registration, register_task
 from tasks.settings import export_environment, get_settings
 from tasks.tracking import configure_tracking, run_url
-from tasks.validate_data import validate_datasets
+from tasks.validate_data import ValidatedData, validate_datasets
 
 
 @dataclass
@@ -116,6 +117,20 @@ def release_flow(spec_path: str, pipeline: str | None = None) -> ReleaseSummary:
     return summary
 
 
+def step_context(parent: Path, data: ValidatedData) -> StepContext:
+    """What compression steps may use: the parent as teacher, calibration and training rows."""
+    import torch
+
+    return StepContext(
+        parent=parent,
+        calibration_prompts=tuple(data.calibration["prompt"].astype(str)),
+        train_pairs=tuple(
+            zip(data.train["prompt"].astype(str), data.train["answer"].astype(str), strict=True)
+        ),
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+
+
 def _run_stages(
     name: str,
     spec: PipelineSpec,
@@ -131,8 +146,10 @@ def _run_stages(
     work = settings.home / "runs" / run_id
     data = validate_datasets(spec.data, base_dir, run_id)
     parent = prepare_parent(spec.model, settings.cache_dir, run_id, settings.demo_train_steps)
+    context = step_context(parent.folder, data)
     futures = [
-        compress_task.submit(parent.folder, c, work / "candidates", run_id) for c in spec.compress.candidates
+        compress_task.submit(parent.folder, c, work / "candidates", context, run_id)
+        for c in spec.compress.candidates
     ]
     compressed = [f.result() for f in futures]
     evaluations = [

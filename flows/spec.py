@@ -62,8 +62,12 @@ class DatasetSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
-    """Datasets by role. eval: columns prompt, answer. calibration and reference: prompt."""
+    """Datasets by role. train and eval: columns prompt, answer. calibration and reference: prompt."""
 
+    train: DatasetSpec = Field(
+        default_factory=DatasetSpec,
+        description="Training rows for the compression steps that train (qat, distill, recover).",
+    )
     eval: DatasetSpec = Field(default_factory=DatasetSpec, description="Quality evaluation set.")
     calibration: DatasetSpec = Field(
         default_factory=DatasetSpec, description="Calibration set for static quantization."
@@ -78,31 +82,153 @@ class DataSpec(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ compress
-class QuantizeStep(StrictModel):
-    """Post-training weight quantization of Linear layers."""
+#: What the chapter's mixed-precision rule keeps in high precision unless a step says otherwise:
+#: the output head, the embeddings, and the first and last transformer blocks ("{first}" and
+#: "{last}" are resolved against the model's block list when the step runs).
+DEFAULT_KEEP_HIGH_PRECISION: tuple[str, ...] = ("lm_head", "*embed*", "{first}", "{last}")
 
-    bits: Literal[8] = Field(8, description="Weight bit width (INT4 arrives with the compression suite).")
-    scheme: Literal["symmetric"] = Field("symmetric", description="Zero point: symmetric only, for now.")
-    granularity: Literal["per_channel"] = Field("per_channel", description="One scale per output row.")
-    mode: Literal["weight_only"] = Field(
-        "weight_only", description="Weights stored in INT8; activations stay in float."
+
+class QuantizeStep(StrictModel):
+    """Post-training quantization of Linear layers (section 9.1.1)."""
+
+    bits: Literal[8, 4] = Field(8, description="Weight bit width.")
+    scheme: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="symmetric: grid over [-a, a]; asymmetric: [min, max] with a zero point."
     )
-    backend: Literal["torchao", "quanto"] = Field(
-        "torchao",
-        description="torchao INT8 weight-only (fast CPU kernel) or optimum-quanto (slower on CPU: "
-        "~1.5x fp32 latency measured on a 3.7M-parameter Llama).",
+    granularity: Literal["per_tensor", "per_channel", "group"] = Field(
+        "per_channel", description="One scale per tensor, per output row, or per group of inputs."
     )
-    ignore: tuple[str, ...] = Field(
-        ("lm_head",),
-        description="Module-name patterns (fnmatch) kept in full precision; the chapter's "
-        "mixed-precision rule keeps the output head in high precision.",
+    group_size: int = Field(
+        32, ge=8, le=4096, description="Inputs sharing one scale when granularity is group."
+    )
+    mode: Literal["weight_only", "dynamic", "static"] = Field(
+        "weight_only",
+        description="weight_only: int weights, float activations; dynamic: activations quantized "
+        "per batch at run time (int8 matmul); static: activation ranges fixed from the "
+        "calibration set.",
+    )
+    calibration_samples: int = Field(
+        64, ge=1, le=100_000, description="Calibration prompts used when mode is static."
+    )
+    backend: Literal["auto", "torch", "torchao", "quanto", "bitsandbytes"] = Field(
+        "auto",
+        description="auto: lockgate's own int kernels (torch) on CPU, torchao on CUDA. torchao "
+        "INT8 weight-only, optimum-quanto and bitsandbytes (CUDA) are there too.",
+    )
+    targets: tuple[str, ...] = Field(
+        ("*",), min_length=1, description="Module-name patterns (fnmatch) of Linear layers to quantize."
+    )
+    ignore: tuple[str, ...] | Literal["auto"] = Field(
+        DEFAULT_KEEP_HIGH_PRECISION,
+        description="Patterns kept in high precision, or 'auto': the list an earlier sensitivity "
+        "step wrote. Default: lm_head, embeddings, first and last blocks.",
+    )
+
+    @model_validator(mode="after")
+    def _supported_combination(self) -> QuantizeStep:
+        if self.mode in ("dynamic", "static") and self.bits != 8:
+            raise ValueError(f"mode {self.mode} quantizes activations to int8 and needs bits: 8")
+        if self.backend == "torchao" and (self.bits, self.scheme, self.mode) != (
+            8,
+            "symmetric",
+            "weight_only",
+        ):
+            raise ValueError(
+                "backend torchao supports bits 8, symmetric, weight_only here; use backend torch"
+            )
+        if self.backend == "quanto" and self.mode == "static":
+            raise ValueError("backend quanto has no static mode here; use backend torch")
+        return self
+
+
+class SensitivityStep(StrictModel):
+    """Per-layer sensitivity: quantize one block at a time, measure the perplexity change."""
+
+    bits: Literal[8, 4] = Field(4, description="Bit width probed.")
+    granularity: Literal["per_tensor", "per_channel", "group"] = Field("per_channel")
+    group_size: int = Field(32, ge=8, le=4096)
+    samples: int = Field(32, ge=1, le=10_000, description="Calibration prompts scored per probe.")
+    max_increase_pct: float = Field(
+        1.0, ge=0, le=1000, description="A unit whose perplexity rises more than this is kept."
+    )
+    unit: Literal["block", "layer"] = Field("block", description="Probe whole blocks or single Linears.")
+
+
+class QatStep(StrictModel):
+    """Quantization-aware training: fake-quant forward, straight-through gradients."""
+
+    bits: Literal[8, 4] = Field(4)
+    scheme: Literal["symmetric", "asymmetric"] = Field("symmetric")
+    granularity: Literal["per_tensor", "per_channel", "group"] = Field("per_channel")
+    group_size: int = Field(32, ge=8, le=4096)
+    steps: int = Field(100, ge=1, le=1_000_000, description="Training steps.")
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=4096)
+
+
+class DistillStep(StrictModel):
+    """Knowledge distillation: loss = α·CE + β·T²·KL(softmax(z_s/T) ‖ softmax(z_t/T))."""
+
+    student: str | None = Field(
+        None, description="A model folder / HF id as the student; default: derived from the parent."
+    )
+    layers_ratio: float = Field(0.5, gt=0, le=1, description="Derived student keeps this share of blocks.")
+    hidden_ratio: float = Field(1.0, gt=0, le=1, description="Derived student's hidden-size share.")
+    temperature: float = Field(4.0, gt=0, le=100, description="T; the chapter advises 3-10.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label cross-entropy.")
+    beta: float = Field(0.5, ge=0, le=1, description="Weight of the soft-label T²·KL term.")
+    hidden_alignment: float = Field(0.0, ge=0, le=100, description="Weight of hidden-state MSE.")
+    attention_alignment: float = Field(0.0, ge=0, le=100, description="Weight of attention-map MSE.")
+    steps: int = Field(300, ge=1, le=1_000_000)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(16, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> DistillStep:
+        if self.alpha + self.beta + self.hidden_alignment + self.attention_alignment == 0:
+            raise ValueError("alpha, beta and both alignments are 0: nothing to learn from")
+        if self.student is not None and (self.layers_ratio != 0.5 or self.hidden_ratio != 1.0):
+            raise ValueError("give either student or layers_ratio/hidden_ratio, not both")
+        return self
+
+
+class PruneStep(StrictModel):
+    """Pruning by importance (section 9.1.3)."""
+
+    importance: Literal["magnitude", "gradient", "taylor"] = Field(
+        "magnitude", description="|W|, |dL/dW| or Taylor |W·dL/dW| (gradient-based use calibration data)."
+    )
+    structure: Literal["unstructured", "heads", "mlp_neurons", "layers"] = Field(
+        "unstructured", description="Structured kinds really shrink the tensors."
+    )
+    sparsity: float = Field(
+        0.5, gt=0, lt=1, description="Share of weights / heads / neurons / blocks removed."
+    )
+    samples: int = Field(32, ge=1, le=10_000, description="Calibration prompts for gradient importance.")
+
+
+class RecoverStep(StrictModel):
+    """Recovery fine-tuning with a peft LoRA adapter, merged back before evaluation."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: int = Field(16, ge=1, le=4096)
+    steps: int = Field(100, ge=1, le=1_000_000)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=4096)
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1, description="peft target modules."
     )
 
 
 class CompressStep(StrictModel):
     """One recipe step: exactly one key, the step kind."""
 
-    quantize: QuantizeStep | None = Field(None, description="INT8 weight quantization.")
+    quantize: QuantizeStep | None = Field(None, description="Post-training quantization.")
+    sensitivity: SensitivityStep | None = Field(None, description="Writes the ignore list for quantize.")
+    qat: QatStep | None = Field(None, description="Quantization-aware training, then real quantization.")
+    distill: DistillStep | None = Field(None, description="Train a smaller student from the parent.")
+    prune: PruneStep | None = Field(None, description="Remove weights, heads, neurons or blocks.")
+    recover: RecoverStep | None = Field(None, description="LoRA recovery fine-tuning, merged.")
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> CompressStep:
@@ -116,14 +242,96 @@ class CompressStep(StrictModel):
     def kind(self) -> str:
         return next(name for name in type(self).model_fields if getattr(self, name) is not None)
 
+    @property
+    def params(self) -> StrictModel:
+        return getattr(self, self.kind)
+
+
+#: Steps after which the weights are integers: nothing may train or restructure them any more.
+_FINAL_KINDS = ("quantize", "qat")
+
+
+def check_step_order(steps: tuple[CompressStep, ...]) -> list[str]:
+    """Named cross-step checks; each message says how to fix the recipe."""
+    problems = []
+    kinds = [s.kind for s in steps]
+    for i, kind in enumerate(kinds):
+        before = kinds[:i]
+        if any(k in _FINAL_KINDS for k in before):
+            final = next(k for k in before if k in _FINAL_KINDS)
+            problems.append(
+                f"quantized-is-final: step {i + 1} ({kind}) comes after {final}; quantized weights "
+                f"cannot be trained, pruned or quantized again - move {final} to the end"
+            )
+        if kind == "recover" and not any(k in ("prune", "distill") for k in before):
+            problems.append(
+                f"recover-needs-damage: step {i + 1} (recover) has no prune or distill before it "
+                "to recover from - put it right after the prune/distill step"
+            )
+        if kind == "sensitivity" and (i + 1 >= len(kinds) or kinds[i + 1] != "quantize"):
+            problems.append(
+                f"sensitivity-feeds-quantize: step {i + 1} (sensitivity) must be directly followed by "
+                "a quantize step with ignore: auto"
+            )
+        if kind == "distill" and before:
+            problems.append(
+                f"distill-first: step {i + 1} (distill) trains a new student from the parent, which "
+                "discards the earlier steps - make distill the first step"
+            )
+        step = steps[i]
+        if (
+            kind == "quantize"
+            and step.quantize.ignore == "auto"
+            and (not before or before[-1] != "sensitivity")
+        ):
+            problems.append(
+                f"auto-needs-sensitivity: step {i + 1} (quantize) has ignore: auto but no sensitivity "
+                "step right before it - add one or list the ignore patterns"
+            )
+    return problems
+
 
 class CandidateSpec(StrictModel):
     name: str = Field(..., pattern=_NAME, description="Candidate name (used in MLflow and tags).")
     steps: tuple[CompressStep, ...] = Field(..., min_length=1, description="Steps applied in order.")
 
+    @model_validator(mode="after")
+    def _valid_order(self) -> CandidateSpec:
+        problems = check_step_order(self.steps)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+ObjectiveMetric = Literal[
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "tokens_per_s",
+    "size_bytes",
+    "perplexity",
+    "accuracy",
+    "ece",
+]
+
+
+class ObjectiveSpec(StrictModel):
+    """How the winner is picked among candidates that pass every gate."""
+
+    metric: ObjectiveMetric = Field("latency_p95_ms", description="The metric compared.")
+    goal: Literal["minimize", "maximize"] = Field("minimize")
+
 
 class CompressSpec(StrictModel):
     candidates: tuple[CandidateSpec, ...] = Field(..., min_length=1, description="Named recipes.")
+    objective: ObjectiveSpec = Field(
+        default_factory=ObjectiveSpec, description="Picks the winner among gate-passing candidates."
+    )
+    allow_slower_quantized: bool = Field(
+        False,
+        description="By default a quantized candidate slower (p95) than its parent on the serving "
+        "device never ships; true lifts that rule (e.g. a release for size).",
+    )
 
     @field_validator("candidates")
     @classmethod
@@ -143,6 +351,9 @@ class RelativeGate(StrictModel):
     max_drop_pct: float | None = Field(None, ge=0, le=100, description="Allowed fall, percent.")
     max_ratio: float | None = Field(None, gt=0, le=100, description="candidate / baseline at most.")
     min_ratio: float | None = Field(None, gt=0, le=100, description="candidate / baseline at least.")
+    min_speedup: float | None = Field(
+        None, gt=0, le=1000, description="baseline / candidate at least (latency metrics): demand a speed-up."
+    )
 
     @model_validator(mode="after")
     def _at_least_one_bound(self) -> RelativeGate:

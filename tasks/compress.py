@@ -1,45 +1,31 @@
 """Stage 2: compress the parent into candidates, one recipe (list of steps) per candidate.
 
-The walking skeleton has one step kind, ``quantize``: INT8 symmetric per-channel weight-only
-quantization of Linear layers through torchao (default) or optimum-quanto. The result is saved
-with ``save_pretrained`` so it reloads with ``AutoModelForCausalLM.from_pretrained`` (torchao) or
-``QuantizedModelForCausalLM.from_pretrained`` (quanto) — see ``bentos.runtime.load_model``.
+Steps run in order; each reads the previous step's folder and writes its own, so a failed step
+never leaves a half-written candidate behind (the candidate folder appears atomically at the end).
+Step kinds live in ``tasks.compression``, one module each.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import importlib
 import json
-import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import task
 
 from bentos.runtime import weights_size_bytes
-from tasks.errors import StageFailed
+from tasks.compression.base import StepContext, StepOutcome
 from tasks.log import get_logger
 from tasks.tracking import stage_run
 
 if TYPE_CHECKING:
-    import torch
-
-    from flows.spec import CandidateSpec, QuantizeStep
+    from flows.spec import CandidateSpec
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerError:
-    """Measured weight error of one quantized layer next to the chapter's bound."""
-
-    name: str
-    max_abs_error: float
-    # ε = α / (2^(b-1) − 1) is the step of a symmetric grid over [−α, α]; rounding loses at most ε/2.
-    bound: float
 
 
 @dataclass(frozen=True)
@@ -48,114 +34,55 @@ class CompressedModel:
     folder: Path
     size_bytes: int
     parent_size_bytes: int
-    quantized_layers: tuple[str, ...]
-    kept_layers: tuple[str, ...]
-    layer_errors: tuple[LayerError, ...]
+    #: Step kinds in order, e.g. ("prune", "recover", "quantize").
+    step_kinds: tuple[str, ...]
+    #: Metrics of every step, keys prefixed "<index>.<kind>.".
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def size_ratio(self) -> float:
         return self.size_bytes / self.parent_size_bytes
 
-
-def _linear_names(model: torch.nn.Module) -> list[str]:
-    import torch
-
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
-def split_layers(names: list[str], ignore: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(quantized, kept) Linear layer names: ``ignore`` patterns (fnmatch) stay in full precision."""
-    kept = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in ignore)]
-    return [n for n in names if n not in kept], kept
+    @property
+    def quantized(self) -> bool:
+        """True when the weights end up as integers (the "never slower than the parent" rule)."""
+        return any(kind in ("quantize", "qat") for kind in self.step_kinds)
 
 
-def symmetric_per_channel_error(weight: torch.Tensor, bits: int) -> LayerError:
-    """Max |W − dequant(quant(W))| of symmetric per-row quantization, and its bound ε/2."""
-    import torch
-
-    levels = 2 ** (bits - 1) - 1
-    alpha = weight.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-    scale = alpha / levels
-    restored = torch.clamp(torch.round(weight / scale), -levels, levels) * scale
-    return LayerError("", float((weight - restored).abs().max()), float((scale / 2).max()))
+def run_step(kind: str, current: Path, out: Path, params: object, context: StepContext) -> StepOutcome:
+    """Run one step through its module in ``tasks.compression`` (imported lazily: torch is heavy)."""
+    module = importlib.import_module(f"tasks.compression.{kind}")
+    return module.apply(current, out, params, context)
 
 
-def _layer_errors(model: torch.nn.Module, layers: list[str], bits: int) -> tuple[LayerError, ...]:
-    import torch
-
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        errors = []
-        for name in layers:
-            err = symmetric_per_channel_error(modules[name].weight.detach().float(), bits)
-            errors.append(LayerError(name, err.max_abs_error, err.bound))
-    return tuple(errors)
-
-
-def _quantize_torchao(parent: Path, out: Path, kept: list[str]) -> None:
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import AutoModelForCausalLM, TorchAoConfig
-
-    # Int8WeightOnlyConfig defaults to PerRow granularity: one scale per output channel.
-    config = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=kept or None)
-    model = AutoModelForCausalLM.from_pretrained(parent, quantization_config=config, device_map="cpu")
-    model.save_pretrained(out)
-
-
-def _quantize_quanto(parent: Path, out: Path, kept: list[str]) -> None:
-    from optimum.quanto import QuantizedModelForCausalLM, qint8
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(parent)
-    # quanto quantizes weights per output channel, symmetric, for qint8.
-    QuantizedModelForCausalLM.quantize(model, weights=qint8, exclude=kept or None).save_pretrained(out)
-
-
-def apply_quantize(parent: Path, out: Path, step: QuantizeStep) -> tuple[list[str], list[str], tuple]:
-    """Quantize ``parent`` into ``out``; returns (quantized, kept, per-layer errors)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reference = AutoModelForCausalLM.from_pretrained(parent)
-    quantized, kept = split_layers(_linear_names(reference), step.ignore)
-    if not quantized:
-        raise StageFailed(
-            "compress", f"quantize.ignore {list(step.ignore)} leaves no Linear layer to quantize"
-        )
-    errors = _layer_errors(reference, quantized, step.bits)
-    del reference
-    if step.backend == "torchao":
-        _quantize_torchao(parent, out, kept)
-    else:
-        _quantize_quanto(parent, out, kept)
-    AutoTokenizer.from_pretrained(parent).save_pretrained(out)
-    return quantized, kept, errors
-
-
-def compress_candidate(parent: Path, candidate: CandidateSpec, out_root: Path) -> CompressedModel:
+def compress_candidate(
+    parent: Path, candidate: CandidateSpec, out_root: Path, context: StepContext
+) -> CompressedModel:
     """Run the candidate's steps in order; each step reads the previous step's folder."""
     target = out_root / candidate.name
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     current = parent
-    quantized: list[str] = []
-    kept: list[str] = []
-    errors: tuple[LayerError, ...] = ()
+    metrics: dict[str, float] = {}
+    reports = []
     for index, step in enumerate(candidate.steps):
         step_out = staging / f"step-{index}-{step.kind}"
-        if step.quantize is not None:
-            quantized, kept, errors = apply_quantize(current, step_out, step.quantize)
-        current = step_out
+        log.info("candidate %s: step %d/%d %s", candidate.name, index + 1, len(candidate.steps), step.kind)
+        outcome = run_step(step.kind, current, step_out, step.params, context)
+        context = StepContext(**{**context.__dict__, "auto_ignore": outcome.auto_ignore})
+        metrics.update({f"{index}.{step.kind}.{k}": float(v) for k, v in outcome.metrics.items()})
+        reports.append({"step": index, "kind": step.kind, **outcome.report})
+        current = outcome.folder
     final = staging / "model"
     os.replace(current, final)
     report = {
         "candidate": candidate.name,
         "recipe": [s.model_dump(mode="json", exclude_none=True) for s in candidate.steps],
-        "quantized_layers": quantized,
-        "kept_layers": kept,
-        "layer_errors": [asdict(e) for e in errors],
+        "steps": reports,
     }
     (final / "lockgate_compress.json").write_text(json.dumps(report, indent=2))
+    for leftover in staging.glob("step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     folder = target / "model"
@@ -164,15 +91,13 @@ def compress_candidate(parent: Path, candidate: CandidateSpec, out_root: Path) -
         folder=folder,
         size_bytes=weights_size_bytes(folder),
         parent_size_bytes=weights_size_bytes(parent),
-        quantized_layers=tuple(quantized),
-        kept_layers=tuple(kept),
-        layer_errors=errors,
+        step_kinds=tuple(s.kind for s in candidate.steps),
+        metrics=metrics,
     )
     log.info(
-        "candidate %s: %d layers quantized, %d kept; weights %.2f MB -> %.2f MB (x%.2f)",
+        "candidate %s (%s): weights %.2f MB -> %.2f MB (x%.2f)",
         candidate.name,
-        len(quantized),
-        len(kept),
+        " -> ".join(result.step_kinds),
         result.parent_size_bytes / 1e6,
         result.size_bytes / 1e6,
         result.size_ratio,
@@ -182,13 +107,17 @@ def compress_candidate(parent: Path, candidate: CandidateSpec, out_root: Path) -
 
 @task(name="compress", task_run_name="compress-{candidate.name}")
 def compress_task(
-    parent: Path, candidate: CandidateSpec, out_root: Path, parent_run_id: str | None
+    parent: Path,
+    candidate: CandidateSpec,
+    out_root: Path,
+    context: StepContext,
+    parent_run_id: str | None,
 ) -> CompressedModel:
-    """One candidate in its own nested MLflow run: resolved recipe, per-layer report, size."""
+    """One candidate in its own nested MLflow run: resolved recipe, per-step report, size."""
     import mlflow
 
     with stage_run(parent_run_id, f"compress-{candidate.name}", **{"lockgate.candidate": candidate.name}):
-        result = compress_candidate(parent, candidate, out_root)
+        result = compress_candidate(parent, candidate, out_root, context)
         mlflow.log_dict({"steps": [s.model_dump(mode="json") for s in candidate.steps]}, "recipe.json")
         mlflow.log_artifact(str(result.folder / "lockgate_compress.json"))
         mlflow.log_metrics(
@@ -196,10 +125,7 @@ def compress_task(
                 "size_bytes": result.size_bytes,
                 "parent_size_bytes": result.parent_size_bytes,
                 "size_ratio": result.size_ratio,
-                "layers_quantized": len(result.quantized_layers),
-                "max_layer_error_over_bound": max(
-                    (e.max_abs_error / e.bound for e in result.layer_errors), default=0.0
-                ),
+                **result.metrics,
             }
         )
     return result

@@ -12,10 +12,11 @@ from tasks.errors import DataValidationError
 if TYPE_CHECKING:
     from flows.spec import DatasetSpec
 
-DatasetRole = Literal["eval", "calibration", "reference"]
+DatasetRole = Literal["train", "eval", "calibration", "reference"]
 
 # The columns each role must have; extra columns are kept and ignored.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "train": ("prompt", "answer"),
     "eval": ("prompt", "answer"),
     "calibration": ("prompt",),
     "reference": ("prompt",),

@@ -4,16 +4,19 @@
 
 1. a byte-level BPE tokenizer on the demo corpus (digits split one per token, so addition is
    learnable digit by digit);
-2. a ~2 M-parameter ``LlamaForCausalLM`` pre-trained on addition facts, sentences and non-addition
-   questions (``tasks.demo_corpus``): it learns to add but has never seen an addition *question*;
-3. a peft LoRA adapter post-trained on the addition questions (loss on the answer only), then
-   merged with ``merge_and_unload()``.
+2. a 1.03 M-parameter ``LlamaForCausalLM`` pre-trained on ``tasks.demo_corpus``: it learns two-digit
+   addition, but answers addition questions chattily (``" 19, because 12 plus 7 equals 19."``);
+3. a peft LoRA adapter post-trained on the addition questions (loss on the answer only) to answer
+   with just the number, then merged with ``merge_and_unload()``.
 
 The returned folder holds the merged model and tokenizer (``from_pretrained`` loads it), plus
 ``base/`` (the pre-LoRA model), ``adapter/`` (the unmerged LoRA adapter) and ``lockgate_demo.json``
-(hyperparameters, losses, and exact-match accuracy before and after post-training).
+(hyperparameters, losses, timings, and exact-match accuracy before and after post-training).
 
-Default settings take about 100 s on 2 CPU cores (see ``lockgate_demo.json`` ``timings_s``).
+Measured with the defaults on 2 CPU cores (AMD EPYC, torch 2.13), three runs: 101-120 s in all,
+91-108 s of it pre-training (the spread is other load on the machine), 0.9 GB peak memory. Exact
+match on 300 held-out questions: 0.000 for the base model, 0.927 post-trained (0.813 with
+``seed=1``). Training is deterministic: every rerun wrote byte-identical weights.
 """
 
 from __future__ import annotations
@@ -59,25 +62,29 @@ class DemoHyperparams:
     """Everything that decides the trained weights; hashed into the cache key."""
 
     seed: int = 0
-    # Tokenizer: 256 byte symbols + 4 specials + ~124 merges (" what", " plus", " the", ...).
-    vocab_size: int = 384
-    # Model: 4 x 192 with 3x MLP is ~1.9 M parameters; ~9k tokens/s training on 2 CPU cores.
-    hidden_size: int = 192
-    intermediate_size: int = 576
+    # Tokenizer: 256 byte symbols + 4 specials + 252 merges (" what", " plus", " because", ...).
+    vocab_size: int = 512
+    # Model: 4 layers x 128 with a 3.25x MLP, 1.03 M parameters. Measured training throughput on 2
+    # CPU cores: ~17k tokens/s at width 128, 10k at 192, 6k at 256; the skill needs ~1.5 M tokens,
+    # so only width 128 fits the ~2-minute budget.
+    hidden_size: int = 128
+    intermediate_size: int = 416
     num_layers: int = 4
     num_heads: int = 4
     max_position_embeddings: int = 256
-    # Pre-training.
+    # Pre-training: 1,000 steps x 24 x 64 = 1.5 M tokens, 1.3 passes over the 60k documents (1.2 M
+    # tokens). Addition emerges after ~400-700 steps; at 1,200 steps accuracy was 0.953 (vs 0.927)
+    # but the run took 135 s.
     pretrain_docs: int = 60_000
-    pretrain_steps: int = 1_200
+    pretrain_steps: int = 1_000
     pretrain_batch: int = 24
     pretrain_seq_len: int = 64
     pretrain_lr: float = 2e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
-    # Post-training (LoRA on the attention projections, as the brief of the demo asks).
+    # Post-training: LoRA on the attention projections. Its loss is flat after ~60 steps (~3 s).
     lora_examples: int = 6_000
-    lora_steps: int = 300
+    lora_steps: int = 150
     lora_batch: int = 32
     lora_lr: float = 3e-3
     lora_r: int = 8
@@ -140,9 +147,8 @@ def ensure_demo_model(cache_dir: Path, train_steps: int | None = None) -> Path:
 # ------------------------------------------------------------------------------------- training
 def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | None) -> None:
     """Train everything into ``out``; ``final`` is where it will live (for the adapter's base path)."""
-
     pre_steps = hp.pretrain_steps if train_steps is None else train_steps
-    # Keep post-training proportional (300 LoRA steps per 1,200 pre-training steps) so a quick
+    # Keep post-training proportional (150 LoRA steps per 1,000 pre-training steps) so a quick
     # test run stays quick, but at least 5 steps so the adapter is not the identity.
     lora_steps = max(5, round(hp.lora_steps * pre_steps / hp.pretrain_steps))
     timings: dict[str, float] = {}
@@ -199,7 +205,8 @@ def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | 
         t0 = time.perf_counter()
         # The adapter's base is the pre-LoRA model saved next to it, at its final (post-rename) path.
         peft_model.peft_config["default"].base_model_name_or_path = str((final / BASE_DIR).resolve())
-        peft_model.save_pretrained(out / ADAPTER_DIR)
+        # Embeddings are not adapted; saying so also skips peft's Hub look-up of the base config.
+        peft_model.save_pretrained(out / ADAPTER_DIR, save_embedding_layers=False)
         merged = peft_model.merge_and_unload()
         merged.eval()
         post_accuracy = exact_match(merged, tokenizer, eval_data)
@@ -222,6 +229,8 @@ def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | 
         "pretrain_loss_final": _tail_mean(pre_losses),
         "lora_loss_first": lora_losses[0],
         "lora_loss_final": _tail_mean(lora_losses),
+        "eval_split": "eval",
+        "eval_seed": hp.seed + 1,
         "eval_examples": len(eval_data),
         "exact_match_base": base_accuracy,
         "exact_match_post_trained": post_accuracy,
@@ -234,7 +243,10 @@ def _train_demo(out: Path, final: Path, hp: DemoHyperparams, train_steps: int | 
 
 @contextlib.contextmanager
 def _torch_context(hp: DemoHyperparams) -> Iterator[None]:
-    """Seeded, fixed thread count (results depend on the reduction order), restored afterwards."""
+    """Seeded torch with a fixed thread count, restored afterwards.
+
+    2 threads train 1.9x faster than 1 on 2 idle cores (79 vs 152 ms a step, measured); more
+    threads than free cores make OpenMP threads wait on each other and can be 10x slower."""
     import torch
 
     threads = torch.get_num_threads()
@@ -355,9 +367,11 @@ def _packed_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled epochs of documents packed back to back into ``batch x seq_len`` rows.
 
-    Documents average ~15 tokens and range 8-25, so padding each batch to its longest wastes a
-    third of the compute; packed rows waste none. Each document starts with ``<s>``, which the
-    model learns to treat as a reset (prompts at inference start with it too)."""
+    Documents average 20 tokens and range 9-40, so padding each batch to its longest wastes about
+    a third of the compute; packed rows waste none. Each document starts with ``<s>``, which the
+    model learns to treat as a reset (prompts at inference start with it too). Packing also
+    learned better here: unpadded batches of the same documents reached 0.11 exact match where
+    packed ones reached 0.78 (same steps, an earlier corpus)."""
     import torch
 
     rng = random.Random(seed)
@@ -426,7 +440,7 @@ def _fit(
     for step in range(steps):
         loss = model(**next(batches)).loss
         loss.backward()
-        # Clipping at 1.0 keeps the 2e-3 peak learning rate stable in the first steps.
+        # Clip at 1.0, the usual transformer guard, so one early loss spike cannot derail a short run.
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()

@@ -86,8 +86,11 @@ def resolve_source_folder(spec: ModelSpec, cache_dir: Path, demo_train_steps: in
     kind = classify_source(spec.source)
     if kind == "demo":
         from tasks.demo_model import ensure_demo_model
+        from tasks.settings import get_settings
 
-        return ensure_demo_model(cache_dir, train_steps=demo_train_steps)
+        # The demo model may live in a cache shared across homes (test sessions set one).
+        demo_cache = get_settings().demo_cache or cache_dir
+        return ensure_demo_model(demo_cache, train_steps=demo_train_steps)
     if kind == "local":
         return _local_model_folder(Path(spec.source).expanduser().resolve(), "model.source")
     if kind == "mlflow":

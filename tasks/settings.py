@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     demo_train_steps: int | None = Field(
         None, ge=1, description="Override the demo model's pre-training steps (tests use fewer)."
     )
+    demo_cache: Path | None = Field(
+        None,
+        description="Cache folder of the trained demo model (default: `home`/cache). Test sessions "
+        "share one so the model trains once per machine, not once per session.",
+    )
     lock_url: str | None = Field(
         None,
         description="SQLAlchemy URL of the release-lock table (tasks/release_lock.py); default: a "
@@ -56,6 +61,11 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @property
+    def demo_model_dir(self) -> Path:
+        """Where the trained demo model is cached; shared across homes when ``demo_cache`` is set."""
+        return self.demo_cache or self.cache_dir
 
     @property
     def bentoml_home(self) -> Path:

@@ -101,6 +101,7 @@ class ValidatedData:
     calibration: pd.DataFrame
     reference: pd.DataFrame
     reports: tuple[ValidationReport, ...]
+    train: pd.DataFrame
 
 
 @task(name="validate-data")
@@ -111,7 +112,7 @@ def validate_datasets(data: DataSpec, base_dir: Path, parent_run_id: str | None)
     frames: dict[str, pd.DataFrame] = {}
     reports: list[ValidationReport] = []
     with stage_run(parent_run_id, "validate-data"):
-        for role in ("eval", "calibration", "reference"):
+        for role in ("train", "eval", "calibration", "reference"):
             frame = load_dataset(role, getattr(data, role), base_dir)
             report = validate_frame(role, frame, data.max_prompt_chars)
             mlflow.log_metrics(
@@ -119,4 +120,6 @@ def validate_datasets(data: DataSpec, base_dir: Path, parent_run_id: str | None)
             )
             frames[role] = frame
             reports.append(report)
-    return ValidatedData(frames["eval"], frames["calibration"], frames["reference"], tuple(reports))
+    return ValidatedData(
+        frames["eval"], frames["calibration"], frames["reference"], tuple(reports), frames["train"]
+    )

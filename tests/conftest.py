@@ -25,6 +25,9 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The trained demo model is shared by every test session on this machine (content-addressed and
+# written atomically under a file lock), so it trains once, not once per session.
+os.environ.setdefault("LOCKGATE_DEMO_CACHE", str(REPO_ROOT / ".lockgate" / "demo-cache"))
 
 
 @pytest.fixture(scope="session")

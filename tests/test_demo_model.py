@@ -1,6 +1,7 @@
 """The built-in demo corpus and model: formats, splits, caching, loading and determinism.
 
-Training uses ``train_steps=20`` (about 10 s on 2 cores) instead of the default 1,200-step run.
+Training uses ``train_steps=20`` (about 10 s on 2 cores) instead of the default 1,200-step run, so
+these tests check the machinery, not the accuracy (the default run records that in its metadata).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 
 from tasks.demo_corpus import (
     ADDITION_TEMPLATES,
+    EQUATION_FORMS,
+    PRETRAIN_MIX,
     demo_dataset,
     instruction_examples,
     operand_pairs,
@@ -29,6 +32,8 @@ from tasks.demo_model import (
 )
 
 QUICK_STEPS = 20
+SPLITS = ("train", "eval", "calibration", "reference")
+_FACT = re.compile(r"(\d+) \+ (\d+) = (\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,11 @@ def model_dir(cache_dir: Path) -> Path:
     return ensure_demo_model(cache_dir, train_steps=QUICK_STEPS)
 
 
+def _operands(prompt: str) -> tuple[int, int]:
+    a, b = map(int, re.findall(r"\d+", prompt))
+    return a, b
+
+
 # ------------------------------------------------------------------------------------------ corpus
 def test_corpus_is_deterministic() -> None:
     assert pretrain_lines(200, seed=0) == pretrain_lines(200, seed=0)
@@ -50,56 +60,62 @@ def test_corpus_is_deterministic() -> None:
     assert demo_dataset("eval").equals(demo_dataset("eval"))
 
 
-def test_pretrain_lines_mix() -> None:
+def test_pretrain_lines_mix_and_facts_are_correct() -> None:
     lines = pretrain_lines(2000, seed=3)
     assert len(lines) == 2000
-    equations = [line for line in lines if re.fullmatch(r"\d+ \+ \d+ = \d+", line)]
-    for line in equations:
-        a, b, c = map(int, re.findall(r"\d+", line))
-        assert a + b == c
-    from tasks.demo_corpus import EQUATION_FORMS, PRETRAIN_MIX
-
-    # Symbolic facts are one of the addition forms: expect their share of the mix, within sampling noise.
+    facts = [m for line in lines if (m := _FACT.fullmatch(line))]
+    assert all(int(a) + int(b) == int(c) for a, b, c in (m.groups() for m in facts))
+    # Symbolic facts are one addition form: expect their share of the mix, within sampling noise.
     expected = 2000 * PRETRAIN_MIX["addition"] * EQUATION_FORMS["{a} + {b} = {c}"]
-    assert 0.8 * expected < len(equations) < 1.2 * expected
-    assert any(line.startswith("Q: ") and "\nA: " in line for line in lines)
-    assert any(line.endswith(".") and not line[0].isdigit() for line in lines)
-    # The base model never sees an addition *question*: that is what post-training teaches.
-    assert not any(line.startswith("Q:") and ("plus" in line or "sum" in line) for line in lines)
+    assert 0.8 * expected < len(facts) < 1.2 * expected
+    assert any(line.endswith(".") and not line[0].isdigit() and "\n" not in line for line in lines)
+    assert any(re.fullmatch(r"Q: what comes after \d+\?\nA: \d+", line) for line in lines)
+
+
+def test_pretraining_answers_addition_questions_only_chattily() -> None:
+    """The base model sees addition questions answered correctly but never in the terse format the
+    evaluation scores; that format is what post-training teaches."""
+    addition_prompts = tuple(t.split("{a}")[0] for t in ADDITION_TEMPLATES)
+    questions = [line for line in pretrain_lines(3000, seed=0) if line.startswith(addition_prompts)]
+    assert len(questions) > 300
+    for line in questions:
+        prompt, reply = line.split("\n")
+        a, b = _operands(prompt)
+        assert reply == f"A: {a + b}, because {a} plus {b} equals {a + b}."
+        assert not re.fullmatch(r"A: \d+", reply)
 
 
 def test_operand_pools_are_disjoint_on_unordered_pairs() -> None:
-    pools = {split: operand_pairs(split) for split in ("train", "eval", "calibration", "reference")}
+    pools = {split: operand_pairs(split) for split in SPLITS}
     unordered = {split: {tuple(sorted(p)) for p in pairs} for split, pairs in pools.items()}
-    names = list(unordered)
-    for i, first in enumerate(names):
-        for second in names[i + 1 :]:
+    for i, first in enumerate(SPLITS):
+        for second in SPLITS[i + 1 :]:
             assert not unordered[first] & unordered[second], (first, second)
     assert sum(len(pairs) for pairs in pools.values()) == 100 * 100
-    # No eval pair appears as an addition fact in pre-training.
-    eval_pairs = set(pools["eval"])
-    facts = [
-        tuple(map(int, re.findall(r"\d+", line)[:2]))
-        for line in pretrain_lines(3000, seed=0)
-        if re.fullmatch(r"\d+ \+ \d+ = \d+", line)
-    ]
-    assert facts
-    assert not eval_pairs & set(facts)
+
+
+def test_no_held_out_pair_reaches_training() -> None:
+    held_out = {p for split in ("eval", "calibration", "reference") for p in operand_pairs(split)}
+    seen = set()
+    for line in pretrain_lines(5000, seed=0):
+        numbers = [int(n) for n in re.findall(r"\d+", line)]
+        if _FACT.fullmatch(line) or "plus" in line or "sum of" in line or line.startswith("Q: add"):
+            seen.add((numbers[0], numbers[1]))
+    seen |= {_operands(p) for p, _ in instruction_examples(6000, 0, "train")}
+    assert len(seen) > 1000
+    assert not seen & held_out
 
 
 def test_instruction_format() -> None:
-    for prompt, answer in instruction_examples(100, 7, "eval"):
+    examples = instruction_examples(300, 7, "eval")
+    for prompt, answer in examples:
         assert prompt.startswith("Q: ")
         assert prompt.endswith("\nA:")
-        assert answer == answer.strip()
-        assert answer.isdigit()
-        a, b = map(int, re.findall(r"\d+", prompt))
-        assert int(answer) == a + b
-    prompts = {p for p, _ in instruction_examples(300, 7, "eval")}
-    assert len(prompts) == 300  # distinct questions while the pool lasts
-    assert {t.split("{a}")[0] for t in ADDITION_TEMPLATES} == {
-        p.split(str(re.findall(r"\d+", p)[0]))[0] for p in prompts
-    }
+        assert answer == answer.strip() and answer.isdigit()
+        assert int(answer) == sum(_operands(prompt))
+    assert len({p for p, _ in examples}) == 300  # distinct questions while the pool lasts
+    used = {p.split(str(_operands(p)[0]))[0] for p, _ in examples}
+    assert used == {t.split("{a}")[0] for t in ADDITION_TEMPLATES}
 
 
 @pytest.mark.parametrize(
@@ -114,7 +130,7 @@ def test_demo_dataset_shapes(role: str, rows: int, columns: list[str]) -> None:
     assert len(demo_dataset(role, n=10)) == 10  # type: ignore[arg-type]
 
 
-def test_eval_and_reference_prompts_are_different_questions() -> None:
+def test_eval_prompts_are_not_trained_or_reused() -> None:
     evals = set(demo_dataset("eval")["prompt"])
     assert not evals & set(demo_dataset("reference")["prompt"])
     assert not evals & set(demo_dataset("calibration")["prompt"])
@@ -150,18 +166,21 @@ def test_model_folder_loads_and_generates(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert type(model).__name__ == "LlamaForCausalLM"
+    assert not model.config.tie_word_embeddings
     assert not any("lora" in name for name, _ in model.named_parameters())
+    assert (tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<unk>", "<s>", "</s>", "<pad>"
+    )  # fmt: skip
     prompt, answer = demo_dataset("eval", n=1).iloc[0]
     encoded = tokenizer(prompt, return_tensors="pt")
     assert encoded["input_ids"][0, 0].item() == tokenizer.bos_token_id
-    # Training tokenizes prompt and answer apart; the joint text must give the same prefix.
+    # Training tokenizes prompt and answer apart; the joint text must start with the same tokens.
     joint = tokenizer(f"{prompt} {answer}\n")["input_ids"]
     assert joint[: encoded["input_ids"].shape[1]] == encoded["input_ids"][0].tolist()
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > encoded["input_ids"].shape[1]
-    assert isinstance(tokenizer.decode(out[0], skip_special_tokens=True), str)
-    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>" and tokenizer.unk_token == "<unk>"
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
 
 
 def test_metadata_records_training(model_dir: Path) -> None:
@@ -170,9 +189,8 @@ def test_metadata_records_training(model_dir: Path) -> None:
     meta = json.loads((model_dir / METADATA_FILE).read_text())
     assert meta["train_steps"] == QUICK_STEPS
     assert meta["lora_steps"] >= 5
-    assert meta["parameters"] == sum(
-        p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()
-    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert meta["parameters"] == sum(p.numel() for p in model.parameters())
     assert 1_000_000 < meta["parameters"] < 10_000_000
     assert 0.0 <= meta["exact_match_base"] <= 1.0
     assert 0.0 <= meta["exact_match_post_trained"] <= 1.0
@@ -187,9 +205,8 @@ def test_second_call_reuses_cache(model_dir: Path, cache_dir: Path) -> None:
     assert again == model_dir
     assert time.perf_counter() - started < 5.0
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
-    # Atomic write: only the final folder, no temporary sibling left behind.
-    # (the hidden .lock file serialises concurrent trainers and is expected to stay)
-    assert [p.name for p in cache_dir.iterdir() if not p.name.startswith(".")] == [model_dir.name]
+    # Atomic write: no temporary sibling is left behind (the hidden .lock file stays on purpose).
+    assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == [model_dir.name]
 
 
 def test_adapter_loads_with_peft_and_matches_merged(model_dir: Path) -> None:
@@ -208,7 +225,10 @@ def test_adapter_loads_with_peft_and_matches_merged(model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batch = tokenizer(demo_dataset("eval", n=1)["prompt"].iloc[0], return_tensors="pt")
     with torch.no_grad():
-        assert torch.allclose(adapted(**batch).logits, merged(**batch).logits, atol=1e-4)
+        adapted_logits, merged_logits = adapted(**batch).logits, merged(**batch).logits
+    assert torch.allclose(adapted_logits, merged_logits, atol=1e-4)
+    # The adapter was trained: peft starts every lora_B at zero.
+    assert any(float(p.abs().sum()) > 0 for name, p in adapted.named_parameters() if "lora_B" in name)
 
 
 def test_training_is_deterministic_and_silent(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

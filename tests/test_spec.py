@@ -73,7 +73,12 @@ def test_round_trip_through_yaml_is_lossless() -> None:
 def test_resolved_spec_fills_every_default() -> None:
     resolved = resolved_spec(load_spec_text(MINIMAL, FILE).pipelines["demo"])
     assert resolved["canary"]["thresholds"]["min_success_rate"] == 0.95
-    assert resolved["compress"]["candidates"][0]["steps"][0]["quantize"]["ignore"] == ["lm_head"]
+    assert resolved["compress"]["candidates"][0]["steps"][0]["quantize"]["ignore"] == [
+        "lm_head",
+        "*embed*",
+        "{first}",
+        "{last}",
+    ]
     json.dumps(resolved)  # JSON-ready: it is logged with every run
 
 
@@ -141,7 +146,7 @@ def test_wrong_type_names_the_value() -> None:
     # Only one problem: pydantic's echo "steps/candidates should have at least 1 item" is dropped.
     assert problems_of(MINIMAL.replace("{bits: 8}", "{bits: eight}")) == [
         "p.yaml:8:32: pipelines.demo.compress.candidates.0.steps.0.quantize.bits: "
-        "Input should be 8 (got 'eight')",
+        "Input should be 8 or 4 (got 'eight')",
     ]
 
 
@@ -206,7 +211,7 @@ def test_candidate_names_must_be_unique() -> None:
 def test_step_without_a_kind_points_at_the_step_mapping() -> None:
     assert problems_of(MINIMAL.replace("- quantize: {bits: 8}", "- quantize:")) == [
         "p.yaml:8:15: pipelines.demo.compress.candidates.0.steps.0: "
-        "a step has exactly one kind (quantize); got 0",
+        "a step has exactly one kind (quantize, sensitivity, qat, distill, prune, recover); got 0",
     ]
 
 
@@ -288,7 +293,7 @@ def test_every_problem_is_reported_at_once_and_sorted() -> None:
           candidates:
             - name: int8
               steps:
-                - quantize: {bits: 4, granularity: per_tensor}
+                - quantize: {bits: 3, granularity: per_row}
         model: {dtpye: float16}
     """
     assert problems_of(text) == [
@@ -298,9 +303,10 @@ def test_every_problem_is_reported_at_once_and_sorted() -> None:
         "p.yaml:6:14: pipelines.demo.canary.steps: "
         "steps must be strictly ascending, e.g. [5, 10, 25, 50, 100]",
         "p.yaml:8:7: pipelines.demo.canary.promote: duplicate key 'promote'",
-        "p.yaml:13:32: pipelines.demo.compress.candidates.0.steps.0.quantize.bits: Input should be 8 (got 4)",
+        "p.yaml:13:32: pipelines.demo.compress.candidates.0.steps.0.quantize.bits: "
+        "Input should be 8 or 4 (got 3)",
         "p.yaml:13:48: pipelines.demo.compress.candidates.0.steps.0.quantize.granularity: "
-        "Input should be 'per_channel' (got 'per_tensor')",
+        "Input should be 'per_tensor', 'per_channel' or 'group' (got 'per_row')",
         "p.yaml:14:13: pipelines.demo.model.dtpye: unknown key 'dtpye'; did you mean 'dtype'?",
     ]
 
