@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast lint schema clean setup
+.PHONY: run test test-fast lint schema clean setup postgres promtool
 
 setup: $(STAMP)
 
@@ -24,7 +24,18 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/lockgate run
 
-test: $(STAMP)
+# PostgreSQL (Debian package) for `lockgate up` and the team-stack tests; a no-op once installed.
+postgres:
+	scripts/install-postgres.sh
+
+# promtool/amtool (Debian packages prometheus, prometheus-alertmanager: ~15 s) validate the generated alert
+# rules in tests/test_alerting.py; without them those checks are skipped with a reason. No-op once installed.
+promtool:
+	command -v promtool >/dev/null && command -v amtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus prometheus-alertmanager) || echo "promtool not installed: alert-rule checks will be skipped"
+
+test: $(STAMP) postgres promtool
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra
 

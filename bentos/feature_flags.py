@@ -12,9 +12,28 @@ changed at run time by editing a JSON file (section 9.5.3 of the chapter, withou
   cannot switch every flag off in production; at start-up an invalid file raises.
 * Requests without a user id get a flag only at 100 % (there is nothing to hash consistently).
 
+What flags do in the LLM service (bentos/llm_service.py, :func:`apply_service_flags`): two kinds of
+flag have a built-in behaviour, applied per request to the users the flag is on for, after the
+request's own limits were checked (a flag only ever narrows a request), and named in the response's
+``x-lockgate-flags`` header:
+
+========================  ======  ==========================================================
+flag                      kind    behaviour for the users it is on for
+========================  ======  ==========================================================
+``stop_at_newline``       switch  a newline joins the request's stop sequences: answers end at
+                                  the first line break (one-line answers, e.g. for a UI that
+                                  shows one line).
+``max_new_tokens_cap``    value   the request's ``max_new_tokens`` is capped at the flag's
+                                  ``value`` (a cost/latency policy rolled out to a user share).
+========================  ======  ==========================================================
+
+Other flag names are allowed (evaluated for applications through :class:`FeatureFlags`) and do
+nothing in the service. A switch flag takes no ``value``; a value flag needs one.
+
 File format (``LOCKGATE_FEATURE_FLAGS_FILE``)::
 
-    {"version": 1, "flags": {"new_sampler": {"enabled": true, "rollout": 25, "description": "..."}}}
+    {"version": 1, "flags": {"max_new_tokens_cap": {"enabled": true, "rollout": 25, "value": 32,
+                                                     "description": "..."}}}
 
 Self-contained: imports nothing from ``flows`` or ``tasks`` (it ships inside the bento).
 """
@@ -31,10 +50,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 FLAGS_FILE_ENV = "LOCKGATE_FEATURE_FLAGS_FILE"
 logger = logging.getLogger("lockgate.feature_flags")
@@ -46,6 +66,14 @@ class Flag(BaseModel):
     enabled: bool = Field(True, description="Off switch: a disabled flag is off for everyone.")
     rollout: float = Field(0.0, ge=0, le=100, description="Percent of users (by id) who get the feature.")
     description: str = Field("", max_length=2000, description="What the flag switches.")
+    value: int | None = Field(
+        None, ge=1, le=1_000_000, description="The setting a value flag applies (e.g. a token cap)."
+    )
+
+
+#: Flags the service acts on, by kind (see the module docstring for what each does).
+SWITCH_FLAGS = ("stop_at_newline",)
+VALUE_FLAGS = ("max_new_tokens_cap",)
 
 
 class FlagFile(BaseModel):
@@ -55,6 +83,15 @@ class FlagFile(BaseModel):
     flags: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")], Flag] = Field(
         default_factory=dict, description="Flags by name (lower case, digits, '_', '.', '-')."
     )
+
+    @model_validator(mode="after")
+    def _values_match_kinds(self) -> FlagFile:
+        for name, flag in self.flags.items():
+            if name in VALUE_FLAGS and flag.value is None:
+                raise ValueError(f"flags.{name}.value: required (a value flag: the setting it applies)")
+            if name in SWITCH_FLAGS and flag.value is not None:
+                raise ValueError(f"flags.{name}.value: a switch flag takes no value")
+        return self
 
 
 class FlagFileError(ValueError):
@@ -74,6 +111,31 @@ def evaluate(flag: Flag | None, name: str, user_id: str | None) -> bool:
     if user_id is None:
         return flag.rollout >= 100
     return bucket(name, user_id) < flag.rollout
+
+
+@dataclass(frozen=True)
+class FlagPolicy:
+    """What the flags make of one request's settings."""
+
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    applied: tuple[str, ...]  # names of the service flags that were on for this request
+
+
+def apply_service_flags(
+    flags: dict[str, Flag], user_id: str | None, max_new_tokens: int, stop: tuple[str, ...]
+) -> FlagPolicy:
+    """The service's flag behaviours for one request (one snapshot of ``flags``, so a reload between
+    two flags cannot mix old and new); flags only narrow what the request asked for."""
+    applied: list[str] = []
+    cap = flags.get("max_new_tokens_cap")
+    if evaluate(cap, "max_new_tokens_cap", user_id) and cap is not None and cap.value is not None:
+        applied.append("max_new_tokens_cap")
+        max_new_tokens = min(max_new_tokens, cap.value)
+    if evaluate(flags.get("stop_at_newline"), "stop_at_newline", user_id):
+        applied.append("stop_at_newline")
+        stop = stop if "\n" in stop else (*stop, "\n")
+    return FlagPolicy(max_new_tokens, stop, tuple(applied))
 
 
 def read_flag_file(path: Path) -> FlagFile:
@@ -167,9 +229,15 @@ def write_flag_file(path: Path, content: FlagFile) -> None:
 
 
 def set_flag(
-    path: Path, name: str, rollout: float, enabled: bool = True, description: str | None = None
+    path: Path,
+    name: str,
+    rollout: float,
+    enabled: bool = True,
+    description: str | None = None,
+    value: int | None = None,
 ) -> Flag:
-    """Create or change one flag (other flags untouched); returns it."""
+    """Create or change one flag (other flags untouched); returns it. ``description`` and ``value``
+    keep their old setting when None."""
     with _exclusive(path):
         current = read_flag_file(path)
         old = current.flags.get(name)
@@ -177,8 +245,13 @@ def set_flag(
             enabled=enabled,
             rollout=rollout,
             description=description if description is not None else (old.description if old else ""),
+            value=value if value is not None else (old.value if old else None),
         )
-        write_flag_file(path, FlagFile(flags={**current.flags, name: flag}))
+        try:
+            content = FlagFile(flags={**current.flags, name: flag})
+        except ValidationError as exc:
+            raise FlagFileError(f"{path}: {exc.errors()[0]['msg']}") from exc
+        write_flag_file(path, content)
     return flag
 
 

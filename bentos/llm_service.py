@@ -11,6 +11,8 @@ Configured only through environment variables, read at import (the same module s
 * ``LOCKGATE_SERVICE_CONFIG`` JSON object, see :class:`ServiceConfig` (default ``{}``)
 * ``LOCKGATE_API_KEYS_FILE``  hashed API keys + rate limits (bentos/auth.py); unset = no auth
 * ``LOCKGATE_REGISTRY_POLL_S`` how often a stage/alias URI is re-resolved (default 2)
+* ``LOCKGATE_FEATURE_FLAGS_FILE`` feature flags, re-read on change (bentos/feature_flags.py says what
+  ``stop_at_newline`` and ``max_new_tokens_cap`` do); unset = no flags
 
 Endpoints: ``POST /generate`` (JSON), ``POST /generate_stream`` (text chunks), plus BentoML's
 ``/readyz`` (200 only once the model is loaded and warmed up), ``/livez`` and ``/metrics``.
@@ -31,7 +33,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, StreamingResponse
 
 from bentos.auth import KeyStore
+from bentos.feature_flags import FeatureFlags, apply_service_flags
 from bentos.model_resolver import resolve_model_dir
 from bentos.request_log import RequestLog, RequestRow, Status, hash_user
 
@@ -413,6 +416,18 @@ class Accounting:
 
 ACCOUNTING = Accounting(SETTINGS)
 KEYS = KeyStore.from_file(SETTINGS.api_keys_file) if SETTINGS.api_keys_file else None
+FLAGS = FeatureFlags.from_env()  # an invalid flag file fails the start-up; later edits apply live
+
+
+def _apply_flags(req: GenerateRequest) -> tuple[GenerateRequest, dict[str, str]]:
+    """The request as the feature flags on for its user make it, and the header naming those flags."""
+    if FLAGS is None:
+        return req, {}
+    policy = apply_service_flags(FLAGS.flags(), req.user_id, req.max_new_tokens, req.stop)
+    flagged = replace(req, max_new_tokens=policy.max_new_tokens, stop=policy.stop)
+    return flagged, {"x-lockgate-flags": ",".join(policy.applied)}
+
+
 _CURRENT_RECORD: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
     "lockgate_request_record", default=None
 )
@@ -906,6 +921,7 @@ class LLMService:
         refused = self._admit(record, req)
         if refused is not None:
             return refused  # type: ignore[return-value]  # BentoML passes Responses through as is
+        req, flag_headers = _apply_flags(req)
         served = self.served
         assert served is not None
         record.model_version = served.version
@@ -924,7 +940,7 @@ class LLMService:
             request_id=record.request_id,
             finish_reason=gen.finish_reason,
         )
-        return JSONResponse(body.model_dump())  # type: ignore[return-value]
+        return JSONResponse(body.model_dump(), headers=flag_headers)  # type: ignore[return-value]
 
     @bentoml.api
     async def generate_stream(
@@ -949,6 +965,7 @@ class LLMService:
         refused = self._admit(record, req)
         if refused is not None:
             return refused  # type: ignore[return-value]
+        req, flag_headers = _apply_flags(req)
         served = self.served
         assert served is not None
         record.model_version = served.version
@@ -964,7 +981,8 @@ class LLMService:
                 return _server_error(record, exc)  # type: ignore[return-value]
             raise
         body = _stream_body(stream, chunks, first, record, self.settings.log_text)
-        return StreamingResponse(body, media_type="text/plain; charset=utf-8")  # type: ignore[return-value]
+        media = "text/plain; charset=utf-8"
+        return StreamingResponse(body, media_type=media, headers=flag_headers)  # type: ignore[return-value]
 
     def _admit(self, record: RequestRecord, req: GenerateRequest) -> JSONResponse | None:
         """None when the request may run; else the refusal (422 over a limit, 503 while not ready)."""

@@ -1,7 +1,8 @@
 """Model loading and text generation: the one implementation used by the LLM service and by evaluation.
 
 No BentoML here, so ``tasks/evaluate.py`` can import it to score exactly what the service would serve.
-Loads plain Hugging Face folders, torchao-quantized folders (``quantization_config.quant_method ==
+Loads plain Hugging Face folders, lockgate-quantized folders (``lockgate_quant.json`` next to the
+weights, see ``bentos.quantized``), torchao-quantized folders (``quantization_config.quant_method ==
 "torchao"`` in config.json) and optimum-quanto folders (``quanto_qmap.json`` next to the weights).
 """
 
@@ -33,9 +34,12 @@ from transformers import (  # noqa: E402
 )
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
+from bentos.quantized import CONFIG_FILE as LOCKGATE_QUANT_CONFIG  # noqa: E402
+from bentos.quantized import load_quantized  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
-Quantization = Literal["none", "torchao", "quanto"]
+Quantization = Literal["none", "lockgate", "torchao", "quanto"]
 FinishReason = Literal["eos", "stop", "length"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -369,6 +373,8 @@ def load_model(folder: Path, device: str | None = None) -> LoadedModel:
     started = time.perf_counter()
     if quantization == "quanto":
         model = _load_quanto(folder, device)
+    elif quantization == "lockgate":
+        model = load_quantized(folder, device)
     else:
         # torchao folders need nothing special: transformers reads quantization_config from config.json.
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device)
@@ -388,6 +394,8 @@ def detect_quantization(folder: Path) -> Quantization:
     """Which loader ``folder`` needs, from its files; raises for quantization methods not handled here."""
     if (folder / QUANTO_QMAP).is_file():
         return "quanto"
+    if (folder / LOCKGATE_QUANT_CONFIG).is_file():
+        return "lockgate"
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{folder}: no config.json")
@@ -397,7 +405,9 @@ def detect_quantization(folder: Path) -> Quantization:
     method = qconfig.get("quant_method")
     if method == "torchao":
         return "torchao"
-    raise ModelLoadError(f"{folder}: quantization method {method!r} is not supported (torchao, quanto are)")
+    raise ModelLoadError(
+        f"{folder}: quantization method {method!r} is not supported (lockgate, torchao, quanto are)"
+    )
 
 
 def weights_size_bytes(folder: Path) -> int:

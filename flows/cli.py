@@ -10,17 +10,23 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from flows import stack
 from tasks.errors import LockgateError, SpecError
+
+if TYPE_CHECKING:
+    from tasks.canary import CanaryState
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Declarative LLM releases: compress -> evaluate -> package -> canary -> monitor.",
 )
+
+stack.register(app)  # up, down, env, worker
 
 SpecFile = Annotated[Path, typer.Option("--file", "-f", help="The spec file.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -145,11 +151,16 @@ def monitor(
 def deploy(
     pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
     file: SpecFile = Path("pipelines.yaml"),
+    pool: Annotated[
+        str | None,
+        typer.Option(help="Create the deployments in this work pool (run by `lockgate worker`) and return."),
+    ] = None,
 ) -> None:
-    """Serve Prefect deployments: the release flow on demand, the monitor flow on the spec's cron.
+    """Prefect deployments: the release flow on demand, the monitor flow on the spec's cron.
 
-    Needs a Prefect server for schedules (`prefect server start`, then PREFECT_API_URL); blocks and
-    executes the runs the server hands it."""
+    With --pool they are created in that work pool on the Prefect server (LOCKGATE_PREFECT_API_URL) and
+    workers run them; without it this command serves them itself (blocks and executes the runs the
+    server hands it)."""
     from flows.spec_loader import load_spec
 
     pipeline = _pipeline_name(file, pipeline)
@@ -157,6 +168,20 @@ def deploy(
     from tasks.settings import export_environment
 
     export_environment()
+    if pool is not None:
+        if not os.environ.get("PREFECT_API_URL"):
+            typer.echo(
+                "--pool needs a Prefect server: set LOCKGATE_PREFECT_API_URL (eval $(lockgate env))", err=True
+            )
+            raise typer.Exit(2)
+        from flows.stack import deploy_to_pool
+
+        for deployment_id, kind in zip(
+            deploy_to_pool(file, pipeline, spec, pool), ("release", "monitor"), strict=True
+        ):
+            schedule = f" on cron {spec.monitor.schedule!r}" if kind == "monitor" else " (on demand)"
+            typer.echo(f"{kind}/{pipeline}-{kind} -> pool {pool}{schedule}: {deployment_id}")
+        return
     from prefect import serve
 
     from flows.monitor import monitor_flow
@@ -351,9 +376,11 @@ def canary_status(
     model: Annotated[str | None, typer.Argument(help="Registered model; default: all.")] = None,
     as_json: JsonOut = False,
 ) -> None:
-    """Release locks (who runs a release, in which phase) and each model's Staging candidate."""
+    """Release locks (who runs a release, in which phase), each model's Staging candidate and the
+    persisted canary a restarted `lockgate run` would resume."""
     _tracking()
     from tasks import registry, release_lock
+    from tasks.canary import load_state
 
     locks = {lock.model: lock for lock in release_lock.all_locks()}
     registered = set(registry.registered_model_names())
@@ -376,6 +403,7 @@ def canary_status(
                 },
                 "production": production.version if production else None,
                 "staging": {"version": staged.version, "decision": decision} if staged else None,
+                "checkpoint": _checkpoint_status(load_state(name)),
             }
     except LockgateError as exc:
         raise _fail(exc, False) from None
@@ -394,7 +422,24 @@ def canary_status(
         staged_text = (
             f"staging v{staging['version']} ({staging['decision']})" if staging else "nothing in Staging"
         )
-        typer.echo(f"{name}: production v{item['production'] or '-'}; {staged_text}; {running}")
+        saved = item["checkpoint"]
+        saved_text = (
+            f"; canary of v{saved['candidate']} saved after {saved['completed_steps']} step(s)"
+            if saved
+            else ""
+        )
+        typer.echo(f"{name}: production v{item['production'] or '-'}; {staged_text}; {running}{saved_text}")
+
+
+def _checkpoint_status(state: CanaryState | None) -> dict | None:
+    """The persisted canary as `canary status` shows it."""
+    if state is None:
+        return None
+    return {
+        "candidate": state.candidate.version,
+        "stable": state.stable.version,
+        "completed_steps": len(state.checkpoint.steps),
+    }
 
 
 @canary_app.command("recover")
@@ -403,7 +448,8 @@ def canary_recover(
     as_json: JsonOut = False,
 ) -> None:
     """Clean up after a release that died: stop its services, complete a half-done promotion, roll back
-    a candidate whose canary never decided. What `lockgate run` also does before it starts."""
+    a candidate whose canary never decided. `lockgate run` does the same before it starts, except that
+    it resumes such a canary instead where canary.on_interrupt is resume and the state allows it."""
     _tracking()
     from tasks import release_lock
     from tasks.recovery import recover_interrupted
@@ -498,12 +544,23 @@ def flags_set(
     rollout: Annotated[float, typer.Option(min=0, max=100, help="Percent of users who get it.")],
     disabled: Annotated[bool, typer.Option("--disabled", help="Switch it off for everyone.")] = False,
     description: Annotated[str | None, typer.Option(help="What the flag switches.")] = None,
+    value: Annotated[
+        int | None, typer.Option(min=1, help="Setting of a value flag, e.g. max_new_tokens_cap's token cap.")
+    ] = None,
 ) -> None:
-    """Create or change a flag; running services pick it up without a restart."""
-    from bentos.feature_flags import set_flag
+    """Create or change a flag; running services pick it up without a restart. The service acts on
+    stop_at_newline (answers end at the first line break) and max_new_tokens_cap (--value caps
+    max_new_tokens) for the users each is on for."""
+    from bentos.feature_flags import FlagFileError, set_flag
 
-    flag = set_flag(_flags_path(), name, rollout, enabled=not disabled, description=description)
-    typer.echo(f"{name}: {'on' if flag.enabled else 'off'} for {flag.rollout:g}% of users ({_flags_path()})")
+    try:
+        flag = set_flag(_flags_path(), name, rollout, not disabled, description, value)
+    except FlagFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    setting = f", value {flag.value}" if flag.value is not None else ""
+    state = "on" if flag.enabled else "off"
+    typer.echo(f"{name}: {state} for {flag.rollout:g}% of users{setting} ({_flags_path()})")
 
 
 @flags_app.command("list")
@@ -579,6 +636,49 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
         command += ["--default-artifact-root", settings.artifact_root]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(command, env=env))
+
+
+alerts_app = typer.Typer(
+    help="Prometheus alert rules and Alertmanager routing from the spec.", no_args_is_help=True
+)
+app.add_typer(alerts_app, name="alerts")
+
+
+@alerts_app.command("export")
+def alerts_export(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name; default: the first.")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+    out: Annotated[Path | None, typer.Option(help="Folder; default: <reports>/<pipeline>/alerting.")] = None,
+    as_json: JsonOut = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write <pipeline>-rules.yml and <pipeline>-alertmanager.yml; check them with promtool/amtool."""
+    from flows.spec_loader import load_spec
+
+    pipeline = _pipeline_name(file, pipeline)
+    spec = load_spec(file).pipelines[pipeline]
+    from tasks.alerting import write_alerting_files
+    from tasks.settings import get_settings
+
+    folder = out or get_settings().reports_dir / pipeline / "alerting"
+    try:
+        files = write_alerting_files(folder, pipeline, spec.tracking.registered_model, spec.monitor)
+    except LockgateError as exc:
+        raise _fail(exc, verbose) from None
+    payload = {
+        "rules": str(files.rules),
+        "alertmanager": str(files.alertmanager),
+        "checked_with": list(files.checked_with),
+        "skipped": list(files.skipped),
+    }
+    if as_json:
+        typer.echo(json.dumps(payload))
+        return
+    typer.echo(f"rules        {files.rules}\nalertmanager {files.alertmanager}")
+    for tool in files.checked_with:
+        typer.echo(f"checked with {tool}: ok")
+    for reason in files.skipped:
+        typer.echo(f"not checked: {reason}", err=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from flows.monitor import request_log_path
 from flows.spec import PipelineSpec
 from flows.spec_loader import load_spec, resolved_spec
 from tasks import release_lock
-from tasks.canary import CanaryResult, canary_task
+from tasks.canary import CanaryResult, canary_task, release_outcome, resume_canary
 from tasks.compress import CompressedModel, compress_task
 from tasks.compression.base import StepContext
 from tasks.evaluate import Evaluation, evaluate_task
@@ -26,9 +26,10 @@ from tasks.log import run_logger
 from tasks.model_source import prepare_parent
 from tasks.monitor import DriftResult, monitor_task
 from tasks.package import package_task
-from tasks.recovery import recover_interrupted
+from tasks.recovery import recover_or_resume
 from tasks.register import Registration, register_task
 from tasks.settings import export_environment, get_settings
+from tasks.task_runners import release_task_runner
 from tasks.tracking import configure_tracking, run_url
 from tasks.validate_data import ValidatedData, validate_datasets
 
@@ -66,7 +67,7 @@ def _release_name(pipeline: str) -> str:
     return f"release-{pipeline}"
 
 
-@flow(name="release", flow_run_name="release-{pipeline}", log_prints=False)
+@flow(name="release", flow_run_name="release-{pipeline}", log_prints=False, task_runner=release_task_runner())
 def release_flow(spec_path: str, pipeline: str | None = None) -> ReleaseSummary:
     """Take one pipeline of ``spec_path`` through every stage."""
     import mlflow
@@ -108,8 +109,12 @@ def release_flow(spec_path: str, pipeline: str | None = None) -> ReleaseSummary:
         # that release left behind is repaired first.
         model = spec.tracking.registered_model
         with release_lock.hold(model, release_lock.owner_label(trigger)) as (lock, replaced):
-            summary.recovered = recover_interrupted(model, replaced, trigger)
-            _run_stages(name, spec, spec_file.parent, run_id, trigger, started, summary, lock)
+            summary.recovered, interrupted = recover_or_resume(model, replaced, trigger, spec.canary)
+            if interrupted is not None:  # a killed release's canary, resumed after its last completed step
+                summary.canary = resume_canary(interrupted, spec.canary, run_id, trigger, lock)
+                summary.outcome = release_outcome(summary.canary, spec.canary)
+            else:
+                _run_stages(name, spec, spec_file.parent, run_id, trigger, started, summary, lock)
         summary.elapsed_s = time.time() - started
         mlflow.set_tag("lockgate.outcome", summary.outcome)
         mlflow.log_metric("elapsed_s", summary.elapsed_s)
@@ -153,13 +158,28 @@ def _run_stages(
     ]
     compressed = [f.result() for f in futures]
     evaluations = [
-        evaluate_task(parent.folder, c.folder, c.candidate, data.eval, spec.evaluate, run_id)
+        evaluate_task(
+            parent.folder,
+            c.folder,
+            c.candidate,
+            data.eval,
+            spec.evaluate,
+            run_id,
+            quantized_must_not_be_slower=c.quantized and not spec.compress.allow_slower_quantized,
+        )
         for c in compressed
     ]
     summary.compressed = {c.candidate: c for c in compressed}
     summary.candidates = {c.candidate: e for c, e in zip(compressed, evaluations, strict=True)}
     registration = register_task(
-        spec.tracking.registered_model, parent.folder, compressed, evaluations, run_id, trigger
+        spec.tracking.registered_model,
+        parent.folder,
+        compressed,
+        evaluations,
+        spec.compress.objective,
+        settings.reports_dir / name / run_id,
+        run_id,
+        trigger,
     )
     summary.registration = registration
     if registration.staged is None:

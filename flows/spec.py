@@ -112,8 +112,10 @@ class QuantizeStep(StrictModel):
     )
     backend: Literal["auto", "torch", "torchao", "quanto", "bitsandbytes"] = Field(
         "auto",
-        description="auto: lockgate's own int kernels (torch) on CPU, torchao on CUDA. torchao "
-        "INT8 weight-only, optimum-quanto and bitsandbytes (CUDA) are there too.",
+        description="auto: lockgate's own int kernels (torch) on CPU, torchao on CUDA where it "
+        "supports the scheme (else torch). torch: lockgate's format everywhere. torchao: INT8 "
+        "weight-only (INT4 is CUDA-only). quanto: its own int8/int4 weight-only schemes. "
+        "bitsandbytes: CUDA only.",
     )
     targets: tuple[str, ...] = Field(
         ("*",), min_length=1, description="Module-name patterns (fnmatch) of Linear layers to quantize."
@@ -127,26 +129,28 @@ class QuantizeStep(StrictModel):
     @model_validator(mode="after")
     def _supported_combination(self) -> QuantizeStep:
         if self.mode in ("dynamic", "static") and self.bits != 8:
-            raise ValueError(f"mode {self.mode} quantizes activations to int8 and needs bits: 8")
-        if self.backend == "torchao" and (self.bits, self.scheme, self.mode) != (
-            8,
-            "symmetric",
-            "weight_only",
-        ):
-            raise ValueError(
-                "backend torchao supports bits 8, symmetric, weight_only here; use backend torch"
-            )
-        if self.backend == "quanto" and self.mode == "static":
-            raise ValueError("backend quanto has no static mode here; use backend torch")
+            raise ValueError(f"mode: {self.mode} quantizes activations to int8 and needs bits: 8")
+        if self.bits == 4 and self.group_size % 2:
+            raise ValueError(f"group_size: 4-bit codes are packed two per byte, {self.group_size} is odd")
+        if self.backend == "torchao" and (self.scheme, self.mode) != ("symmetric", "weight_only"):
+            raise ValueError("backend: torchao supports symmetric weight_only here; use backend torch")
+        if self.backend == "torchao" and self.bits == 4 and self.granularity != "group":
+            raise ValueError("backend: torchao int4 (CUDA) is group-wise; set granularity: group")
+        if self.backend in ("quanto", "bitsandbytes") and self.mode != "weight_only":
+            raise ValueError(f"backend: {self.backend} supports mode weight_only here; use backend torch")
         return self
 
 
 class SensitivityStep(StrictModel):
     """Per-layer sensitivity: quantize one block at a time, measure the perplexity change."""
 
-    bits: Literal[8, 4] = Field(4, description="Bit width probed.")
-    granularity: Literal["per_tensor", "per_channel", "group"] = Field("per_channel")
-    group_size: int = Field(32, ge=8, le=4096)
+    bits: Literal[8, 4] = Field(4, description="Bit width probed (symmetric, weight-only).")
+    granularity: Literal["per_tensor", "per_channel", "group"] = Field(
+        "per_channel", description="Granularity probed: per tensor, per output row, or per group."
+    )
+    group_size: int = Field(
+        32, ge=8, le=4096, description="Inputs sharing one scale when granularity is group."
+    )
     samples: int = Field(32, ge=1, le=10_000, description="Calibration prompts scored per probe.")
     max_increase_pct: float = Field(
         1.0, ge=0, le=1000, description="A unit whose perplexity rises more than this is kept."
@@ -157,31 +161,88 @@ class SensitivityStep(StrictModel):
 class QatStep(StrictModel):
     """Quantization-aware training: fake-quant forward, straight-through gradients."""
 
-    bits: Literal[8, 4] = Field(4)
-    scheme: Literal["symmetric", "asymmetric"] = Field("symmetric")
-    granularity: Literal["per_tensor", "per_channel", "group"] = Field("per_channel")
-    group_size: int = Field(32, ge=8, le=4096)
+    bits: Literal[8, 4] = Field(4, description="Weight bit width, in training and in the result.")
+    scheme: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="symmetric: grid over [-a, a]; asymmetric: [min, max] with a zero point."
+    )
+    granularity: Literal["per_tensor", "per_channel", "group"] = Field(
+        "per_channel", description="One scale per tensor, per output row, or per group of inputs."
+    )
+    group_size: int = Field(
+        32, ge=8, le=4096, description="Inputs sharing one scale when granularity is group."
+    )
     steps: int = Field(100, ge=1, le=1_000_000, description="Training steps.")
-    lr: float = Field(1e-4, gt=0, le=1.0)
-    batch_size: int = Field(8, ge=1, le=4096)
+    lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, le=4096, description="(prompt, answer) rows per step.")
+    targets: tuple[str, ...] = Field(
+        ("*",),
+        min_length=1,
+        description="Module-name patterns (fnmatch) of Linear layers to train quantized.",
+    )
+    ignore: tuple[str, ...] = Field(
+        DEFAULT_KEEP_HIGH_PRECISION,
+        description="Patterns kept in high precision (and trained in float). Default: lm_head, "
+        "embeddings, first and last blocks.",
+    )
+
+    @model_validator(mode="after")
+    def _packable(self) -> QatStep:
+        if self.bits == 4 and self.group_size % 2:
+            raise ValueError(f"group_size: 4-bit codes are packed two per byte, {self.group_size} is odd")
+        return self
 
 
 class DistillStep(StrictModel):
-    """Knowledge distillation: loss = α·CE + β·T²·KL(softmax(z_s/T) ‖ softmax(z_t/T))."""
+    """Knowledge distillation (section 9.1.2): ``α·CE + β·T²·KL(p_teacher ‖ p_student)``.
+
+    The chapter's ``L_KL(σ(z_s/T), σ(z_t/T))`` follows PyTorch's ``kl_div(input, target)`` order:
+    the teacher's tempered distribution is the target. ``T²`` keeps the soft-label gradients on the
+    scale of the hard-label ones.
+    """
 
     student: str | None = Field(
-        None, description="A model folder / HF id as the student; default: derived from the parent."
+        None,
+        description="A local model folder (same vocabulary as the parent) as the student; default: "
+        "derived from the parent by layers_ratio / hidden_ratio. Nothing is downloaded.",
     )
-    layers_ratio: float = Field(0.5, gt=0, le=1, description="Derived student keeps this share of blocks.")
-    hidden_ratio: float = Field(1.0, gt=0, le=1, description="Derived student's hidden-size share.")
-    temperature: float = Field(4.0, gt=0, le=100, description="T; the chapter advises 3-10.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label cross-entropy.")
-    beta: float = Field(0.5, ge=0, le=1, description="Weight of the soft-label T²·KL term.")
-    hidden_alignment: float = Field(0.0, ge=0, le=100, description="Weight of hidden-state MSE.")
-    attention_alignment: float = Field(0.0, ge=0, le=100, description="Weight of attention-map MSE.")
-    steps: int = Field(300, ge=1, le=1_000_000)
-    lr: float = Field(1e-3, gt=0, le=1.0)
-    batch_size: int = Field(16, ge=1, le=4096)
+    layers_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Derived student keeps round(ratio x blocks) blocks, initialised from evenly "
+        "spaced parent blocks (first and last included).",
+    )
+    hidden_ratio: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Derived student's hidden and MLP width share; below 1 the student starts from "
+        "random weights (head count kept, head_dim shrinks).",
+    )
+    temperature: float = Field(
+        4.0, gt=0, le=100, description="T of the soft labels; the chapter advises 3-10 (T=1 is a trap)."
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the hard-label cross-entropy (answer tokens)."
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="Weight of the soft-label T²·KL term (every token).")
+    hidden_alignment: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Weight of the relative hidden-state MSE on mapped blocks (learned projection "
+        "when widths differ).",
+    )
+    attention_alignment: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Weight of the attention-map alignment, KL(A_t || A_s) per query row on mapped "
+        "blocks (trains with eager attention).",
+    )
+    steps: int = Field(300, ge=1, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Peak AdamW learning rate (warm-up, cosine decay).")
+    batch_size: int = Field(16, ge=1, le=4096, description="Rows per step.")
 
     @model_validator(mode="after")
     def _some_loss(self) -> DistillStep:
@@ -189,35 +250,70 @@ class DistillStep(StrictModel):
             raise ValueError("alpha, beta and both alignments are 0: nothing to learn from")
         if self.student is not None and (self.layers_ratio != 0.5 or self.hidden_ratio != 1.0):
             raise ValueError("give either student or layers_ratio/hidden_ratio, not both")
+        if self.student is None and self.layers_ratio == 1 and self.hidden_ratio == 1:
+            raise ValueError(
+                "layers_ratio and hidden_ratio are both 1: the student would be the parent - "
+                "lower one of them or give a student folder"
+            )
         return self
 
 
 class PruneStep(StrictModel):
-    """Pruning by importance (section 9.1.3)."""
+    """Pruning by importance (section 9.1.3).
+
+    Structured kinds remove the same number of units from every block (HF configs hold one head
+    count and one MLP width for all blocks); under grouped-query attention whole KV groups go,
+    together with their query heads.
+    """
 
     importance: Literal["magnitude", "gradient", "taylor"] = Field(
-        "magnitude", description="|W|, |dL/dW| or Taylor |W·dL/dW| (gradient-based use calibration data)."
+        "magnitude",
+        description="|W|, |dL/dW| or Taylor |W·dL/dW| (gradient kinds use the calibration prompts); "
+        "a unit scores the sum over its weights.",
     )
     structure: Literal["unstructured", "heads", "mlp_neurons", "layers"] = Field(
-        "unstructured", description="Structured kinds really shrink the tensors."
+        "unstructured",
+        description="unstructured zeroes weights (no speed-up on dense hardware); heads, mlp_neurons "
+        "and layers really shrink the tensors.",
     )
     sparsity: float = Field(
-        0.5, gt=0, lt=1, description="Share of weights / heads / neurons / blocks removed."
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of weights / heads / neurons / blocks removed (structured: rounded to whole "
+        "units, at least one removed and one kept).",
     )
-    samples: int = Field(32, ge=1, le=10_000, description="Calibration prompts for gradient importance.")
+    samples: int = Field(
+        32, ge=1, le=10_000, description="Calibration prompts for gradient and taylor importance."
+    )
 
 
 class RecoverStep(StrictModel):
-    """Recovery fine-tuning with a peft LoRA adapter, merged back before evaluation."""
+    """Recovery fine-tuning with a peft LoRA adapter (answer-only loss), merged back before evaluation.
 
-    r: int = Field(8, ge=1, le=1024)
-    alpha: int = Field(16, ge=1, le=4096)
-    steps: int = Field(100, ge=1, le=1_000_000)
-    lr: float = Field(1e-3, gt=0, le=1.0)
-    batch_size: int = Field(8, ge=1, le=4096)
+    A zero pattern left by unstructured pruning is re-applied after merging (the LoRA delta is dense).
+    """
+
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (delta = B·A·alpha/r).")
+    steps: int = Field(100, ge=1, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the adapter.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Rows per step.")
     target_modules: tuple[str, ...] = Field(
-        ("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1, description="peft target modules."
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        min_length=1,
+        description="Names (last component) of the Linear layers that get an adapter.",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"target_modules {bad} are not module names like q_proj (no dots or patterns)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"target_modules {list(value)} repeat a name")
+        return value
 
 
 class CompressStep(StrictModel):
@@ -489,6 +585,13 @@ class CanaryAnalysisSpec(StrictModel):
         description="An inconclusive step is held and its window extended (by its min_requests and "
         "duration_s again) at most this many times, then it fails (as Argo's inconclusive limit).",
     )
+    mixture_prior: Literal["geometric", "uniform"] = Field(
+        "geometric",
+        description="Prior over the effect sizes the sequential checks average (mSPRT mixture): "
+        "geometric halves the weight per doubling of the effect (small effects are found sooner, "
+        "large ones a request or two later); uniform weighs every grid effect the same. Either keeps "
+        "the false-rollback guarantee.",
+    )
 
 
 class CanaryStep(StrictModel):
@@ -622,6 +725,13 @@ class CanarySpec(StrictModel):
     )
     shadow: ShadowSpec = Field(default_factory=ShadowSpec, description="Parameters of strategy shadow.")
     promote: bool = Field(True, description="Promote automatically when the analysis passes.")
+    on_interrupt: Literal["resume", "rollback"] = Field(
+        "resume",
+        description="A release killed mid-canary, on restart: resume the canary after its last completed "
+        "step (when the same candidate is still in Staging, the stable version still in Production and "
+        "this canary section unchanged; otherwise it rolls back), or always roll the candidate back. "
+        "Blue-green and shadow always roll back.",
+    )
 
     @model_validator(mode="after")
     def _budget_fits(self) -> CanarySpec:
@@ -670,13 +780,195 @@ class CanarySpec(StrictModel):
 
 
 # ------------------------------------------------------------------------------------- monitor
+#: Evidently drift methods lockgate lets a spec pick. The first group reports p-values (drift when
+#: p < stattest_threshold), the second distances (drift when distance >= distance_threshold).
+P_VALUE_METHODS: tuple[str, ...] = ("ks", "mannw", "t_test", "chisquare", "z")
+DISTANCE_METHODS: tuple[str, ...] = ("wasserstein", "psi", "jensenshannon", "kl_div", "hellinger", "TVD")
+NumericalMethod = Literal[
+    "auto", "ks", "mannw", "t_test", "wasserstein", "psi", "jensenshannon", "kl_div", "hellinger"
+]
+CategoricalMethod = Literal["auto", "chisquare", "z", "jensenshannon", "psi", "kl_div", "hellinger", "TVD"]
+_PROM_DURATION = r"^\d+[smhd]$"
+
+
 class DriftSpec(StrictModel):
     stattest_threshold: float = Field(
-        0.05, gt=0, lt=1, description="Per-column p-value (or distance) threshold of the drift test."
+        0.05, gt=0, lt=1, description="p-value threshold of p-value tests (ks, chisquare, z, ...)."
+    )
+    distance_threshold: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="Threshold of distance methods (wasserstein, jensenshannon, psi, ...); 0.1 is "
+        "Evidently's default for them.",
+    )
+    numerical_method: NumericalMethod = Field(
+        "auto",
+        description="Drift test of numeric columns; auto: Evidently's rule (ks up to 1000 reference "
+        "rows, wasserstein above).",
+    )
+    categorical_method: CategoricalMethod = Field(
+        "auto",
+        description="Drift test of categorical columns (script/language share); auto: chisquare (z for "
+        "two values) up to 1000 reference rows, jensenshannon above.",
     )
     max_drift_share: float = Field(
         0.5, gt=0, le=1, description="Dataset drifts when this share of columns drifts."
     )
+    baseline_windows: int = Field(
+        24,
+        ge=0,
+        le=10_000,
+        description="Output-side features (output length, latency, output descriptors) have no "
+        "reference set: they are compared with the requests of this many windows before the current "
+        "one (0: not compared).",
+    )
+
+    def threshold_for(self, method: str) -> float:
+        """The drift threshold that fits ``method``: a p-value bound or a distance bound."""
+        return self.stattest_threshold if method in P_VALUE_METHODS else self.distance_threshold
+
+
+class FeedbackSpec(StrictModel):
+    """Labels that arrive after serving: a CSV of ``request_id,label[,confidence]`` (section 9.4.1)."""
+
+    file: str | None = Field(
+        None,
+        description="CSV with columns request_id, label (the correct answer) and optionally confidence "
+        "(the model's probability of its answer, for ECE); default: <lockgate home>/feedback/<pipeline>.csv.",
+    )
+    window: int = Field(100, ge=1, le=1_000_000, description="Sliding-window size of the accuracy monitor.")
+    max_accuracy_drop: float = Field(
+        0.1, gt=0, lt=1, description="Window accuracy below baseline by more than this is concept drift."
+    )
+    baseline_accuracy: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Baseline accuracy (e.g. the release evaluation's); default: first window.",
+    )
+    adwin_delta: float = Field(1e-4, gt=0, lt=1, description="ADWIN confidence on the 0/1 error stream.")
+    max_ece: float = Field(0.1, gt=0, le=1, description="Expected calibration error above this alarms.")
+    min_labels: int = Field(30, ge=1, le=1_000_000, description="Fewer joined labels: no feedback verdict.")
+
+
+class PrometheusRulesSpec(StrictModel):
+    """Thresholds of the generated Prometheus alert rules (service metrics + lockgate's drift gauge)."""
+
+    latency_p99_s: float = Field(
+        5.0, gt=0, le=3600, description="HighLatency: p99 request latency above this."
+    )
+    latency_for: str = Field("5m", pattern=_PROM_DURATION, description="HighLatency must hold this long.")
+    error_rate: float = Field(
+        0.05, gt=0, le=1, description="HighErrorRate: share of status=error above this."
+    )
+    error_rate_for: str = Field(
+        "5m", pattern=_PROM_DURATION, description="HighErrorRate must hold this long."
+    )
+    memory_growth_bytes_per_hour: float = Field(
+        1e9, gt=0, description="MemoryGrowth: llm_memory_usage_bytes rising faster than this (deriv over 1h)."
+    )
+    memory_for: str = Field("15m", pattern=_PROM_DURATION, description="MemoryGrowth must hold this long.")
+    drift_for: str = Field("0m", pattern=_PROM_DURATION, description="DataDrift must hold this long.")
+
+
+class WebhookSpec(StrictModel):
+    url: str = Field(..., pattern=r"^https?://\S+$", description="Receiver of JSON POSTs (http or https).")
+    timeout_s: float = Field(5.0, gt=0, le=300, description="Per-attempt timeout.")
+    retries: int = Field(
+        3, ge=0, le=20, description="Attempts after the first; then queued to the spool file."
+    )
+    backoff_s: float = Field(0.5, ge=0, le=60, description="Wait before retry k is backoff_s * 2**(k-1).")
+
+
+AlertGroupKey = Literal["alertname", "pipeline", "detector", "severity"]
+
+
+class ThrottleSpec(StrictModel):
+    """De-duplication: alerts with the same grouping key are sent at most max_alerts per window."""
+
+    window_s: float = Field(3600, gt=0, le=604_800, description="Throttling window in seconds.")
+    max_alerts: int = Field(1, ge=1, le=10_000, description="Alerts per grouping key and window.")
+    group_by: tuple[AlertGroupKey, ...] = Field(
+        ("alertname", "pipeline"), min_length=1, description="Labels that make two alerts 'the same'."
+    )
+
+
+class AlertingSpec(StrictModel):
+    """Prometheus rules, Alertmanager routing and lockgate's own notifier."""
+
+    rules: PrometheusRulesSpec = Field(
+        default_factory=PrometheusRulesSpec, description="Alert rule thresholds."
+    )
+    critical_webhook: str = Field(
+        "http://127.0.0.1:9095/critical",
+        pattern=r"^https?://\S+$",
+        description="Alertmanager receiver 'critical' (e.g. a pager bridge).",
+    )
+    warning_webhook: str = Field(
+        "http://127.0.0.1:9095/warning",
+        pattern=r"^https?://\S+$",
+        description="Alertmanager receiver 'warning'.",
+    )
+    group_wait: str = Field("30s", pattern=_PROM_DURATION, description="Alertmanager group_wait.")
+    group_interval: str = Field("5m", pattern=_PROM_DURATION, description="Alertmanager group_interval.")
+    repeat_interval: str = Field("4h", pattern=_PROM_DURATION, description="Alertmanager repeat_interval.")
+    webhook: WebhookSpec | None = Field(
+        None, description="Where the monitor flow posts its own alerts; none: alerts are only logged."
+    )
+    throttle: ThrottleSpec = Field(default_factory=ThrottleSpec, description="De-duplication of alerts.")
+
+
+Detector = Literal["data_drift", "concept_drift", "calibration", "text_quality"]
+ResponseAction = Literal["alert", "rollback", "fallback", "retrain", "recalibrate"]
+
+
+class ResponseRule(StrictModel):
+    """What happens when one detector fires; damped so it cannot flap."""
+
+    action: ResponseAction = Field(
+        "alert",
+        description="alert: notify only; rollback: Production back to the version it replaced; "
+        "fallback: the version under fallback_alias becomes Production; retrain: start a release run; "
+        "recalibrate: fit a temperature on feedback and tag the Production version with it. Every "
+        "action also alerts.",
+    )
+    severity: Literal["warning", "critical"] = Field("warning", description="Severity of its alert.")
+    min_evidence: int = Field(
+        1, ge=1, le=1000, description="Consecutive monitor runs that must detect before the action runs."
+    )
+    cooldown_minutes: float = Field(
+        60, ge=0, le=525_600, description="After an action, the same detector's action waits this long."
+    )
+
+
+class ResponsesSpec(StrictModel):
+    data_drift: ResponseRule = Field(default_factory=ResponseRule, description="Evidently dataset drift.")
+    concept_drift: ResponseRule = Field(
+        default_factory=ResponseRule, description="Feedback accuracy drop (window rule or ADWIN)."
+    )
+    calibration: ResponseRule = Field(default_factory=ResponseRule, description="ECE above feedback.max_ece.")
+    text_quality: ResponseRule = Field(
+        default_factory=ResponseRule, description="Output text-quality z-scores vs the baseline window."
+    )
+    fallback_alias: str = Field(
+        "fallback",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="Registry alias naming the fallback version (set it on a known-safe version).",
+    )
+
+    @model_validator(mode="after")
+    def _recalibrate_needs_feedback(self) -> ResponsesSpec:
+        for detector in ("data_drift", "text_quality"):
+            if getattr(self, detector).action == "recalibrate":
+                raise ValueError(
+                    f"{detector}.action: recalibrate fits a temperature on feedback labels; use it on "
+                    "calibration or concept_drift"
+                )
+        return self
+
+    def rule(self, detector: Detector) -> ResponseRule:
+        return getattr(self, detector)
 
 
 class MonitorSpec(StrictModel):
@@ -691,6 +983,14 @@ class MonitorSpec(StrictModel):
     min_rows: int = Field(20, ge=1, le=10_000_000, description="Fewer logged requests: no verdict.")
     window_minutes: int = Field(
         60, ge=1, le=525_600, description="The scheduled monitor looks at requests of this last window."
+    )
+    max_latency_ms: float = Field(
+        3_600_000, gt=0, description="Request-window validation: a logged latency above this is corrupt."
+    )
+    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec, description="Feedback labels.")
+    alerting: AlertingSpec = Field(default_factory=AlertingSpec, description="Alert rules and notifier.")
+    responses: ResponsesSpec = Field(
+        default_factory=ResponsesSpec, description="Automatic response per detector."
     )
 
     @field_validator("schedule")

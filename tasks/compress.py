@@ -38,6 +38,8 @@ class CompressedModel:
     step_kinds: tuple[str, ...]
     #: Metrics of every step, keys prefixed "<index>.<kind>.".
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The resolved recipe (every parameter, defaults filled) as JSON: a model-version tag.
+    recipe_json: str = "[]"
 
     @property
     def size_ratio(self) -> float:
@@ -93,6 +95,7 @@ def compress_candidate(
         parent_size_bytes=weights_size_bytes(parent),
         step_kinds=tuple(s.kind for s in candidate.steps),
         metrics=metrics,
+        recipe_json=json.dumps([s.model_dump(mode="json", exclude_none=True) for s in candidate.steps]),
     )
     log.info(
         "candidate %s (%s): weights %.2f MB -> %.2f MB (x%.2f)",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 _BATCH = 16
+LATENCY_METRICS = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms")
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,14 @@ def check_gate(metric: str, gate: RelativeGate, baseline: float, candidate: floa
         else ((candidate - baseline) / abs(baseline) * 100 if baseline else math.inf)
     )
     ratio = 1.0 if baseline == candidate else (candidate / baseline if baseline else math.inf)
+    # A speed-up is baseline / candidate for times and candidate / baseline for throughput.
+    speedup = 1 / ratio if metric in LATENCY_METRICS else ratio
     rules = [
         ("max_increase_pct", gate.max_increase_pct, change_pct, lambda obs, t: obs <= t),
         ("max_drop_pct", gate.max_drop_pct, -change_pct, lambda obs, t: obs <= t),
         ("max_ratio", gate.max_ratio, ratio, lambda obs, t: obs <= t),
         ("min_ratio", gate.min_ratio, ratio, lambda obs, t: obs >= t),
+        ("min_speedup", gate.min_speedup, speedup, lambda obs, t: obs >= t),
     ]
     return [
         GateResult(metric, rule, threshold, baseline, candidate, observed, bool(ok(observed, threshold)))
@@ -179,17 +183,44 @@ def check_gate(metric: str, gate: RelativeGate, baseline: float, candidate: floa
     ]
 
 
-def check_gates(
-    baseline: ModelMetrics, candidate: ModelMetrics, gates: dict[str, RelativeGate]
-) -> tuple[GateResult, ...]:
-    base, cand = baseline.as_dict(), candidate.as_dict()
-    return tuple(
-        r for metric, gate in gates.items() for r in check_gate(metric, gate, base[metric], cand[metric])
+def not_slower_than_parent(baseline: ModelMetrics, candidate: ModelMetrics) -> GateResult:
+    """The issue's rule: no quantized model ships if it is slower than its parent on this device.
+
+    Judged on median latency: p95 of a few dozen requests swings with one scheduler hiccup, the
+    median measures the kernels."""
+    ratio = candidate.latency_p50_ms / baseline.latency_p50_ms if baseline.latency_p50_ms else math.inf
+    return GateResult(
+        "latency_p50_ms",
+        "quantized_not_slower",
+        1.0,
+        baseline.latency_p50_ms,
+        candidate.latency_p50_ms,
+        ratio,
+        ratio <= 1.0,
     )
 
 
+def check_gates(
+    baseline: ModelMetrics,
+    candidate: ModelMetrics,
+    gates: dict[str, RelativeGate],
+    quantized_must_not_be_slower: bool = False,
+) -> tuple[GateResult, ...]:
+    base, cand = baseline.as_dict(), candidate.as_dict()
+    results = [
+        r for metric, gate in gates.items() for r in check_gate(metric, gate, base[metric], cand[metric])
+    ]
+    if quantized_must_not_be_slower:
+        results.append(not_slower_than_parent(baseline, candidate))
+    return tuple(results)
+
+
 def evaluate_pair(
-    baseline_dir: Path, candidate_dir: Path, frame: pd.DataFrame, spec: EvaluateSpec
+    baseline_dir: Path,
+    candidate_dir: Path,
+    frame: pd.DataFrame,
+    spec: EvaluateSpec,
+    quantized_must_not_be_slower: bool = False,
 ) -> Evaluation:
     """Both models on the same rows; gates compare candidate with baseline."""
     frame = frame.head(spec.max_samples).reset_index(drop=True)
@@ -219,7 +250,7 @@ def evaluate_pair(
     table["candidate_correct"] = [
         exact_match(o, a) for o, a in zip(table.candidate_output, table.answer, strict=True)
     ]
-    gates = check_gates(metrics[0], metrics[1], dict(spec.gates))
+    gates = check_gates(metrics[0], metrics[1], dict(spec.gates), quantized_must_not_be_slower)
     for gate in gates:
         log.info("gate %s", gate.message)
     return Evaluation(metrics[0], metrics[1], gates, table)
@@ -233,12 +264,13 @@ def evaluate_task(
     frame: pd.DataFrame,
     spec: EvaluateSpec,
     parent_run_id: str | None,
+    quantized_must_not_be_slower: bool = False,
 ) -> Evaluation:
     """Evaluate in a nested MLflow run: both models' metrics, every gate verdict, the per-row table."""
     import mlflow
 
     with stage_run(parent_run_id, f"evaluate-{candidate_name}", **{"lockgate.candidate": candidate_name}):
-        evaluation = evaluate_pair(baseline_dir, candidate_dir, frame, spec)
+        evaluation = evaluate_pair(baseline_dir, candidate_dir, frame, spec, quantized_must_not_be_slower)
         mlflow.log_metrics({f"baseline_{k}": v for k, v in evaluation.baseline.as_dict().items()})
         mlflow.log_metrics({f"candidate_{k}": v for k, v in evaluation.candidate.as_dict().items()})
         mlflow.log_metrics({f"gate_{g.metric}_{g.rule}_passed": float(g.passed) for g in evaluation.gates})

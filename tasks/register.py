@@ -7,7 +7,7 @@ registered (so its evaluation is reviewable in the MLflow UI), tagged ``rejected
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,9 +16,11 @@ from prefect import task
 from tasks import registry
 from tasks.log import run_logger
 from tasks.registry import ModelVersionRef
+from tasks.selection import Selection, plot_pareto, select_candidate
 from tasks.tracking import stage_run
 
 if TYPE_CHECKING:
+    from flows.spec import ObjectiveSpec
     from tasks.compress import CompressedModel
     from tasks.evaluate import Evaluation
 
@@ -39,10 +41,24 @@ def _evaluation_tags(evaluation: Evaluation) -> dict[str, str]:
     return tags
 
 
-def choose_candidate(names: list[str], evaluations: list[Evaluation]) -> str | None:
-    """Among candidates that passed every gate, the one with the lowest p95 latency."""
-    passing = [(e.candidate.latency_p95_ms, n) for n, e in zip(names, evaluations, strict=True) if e.passed]
-    return min(passing)[1] if passing else None
+def _log_selection(selection: Selection, baseline: dict[str, float], report_dir: Path) -> None:
+    """The candidates table and Pareto PNG, in ``reports/`` and in the register stage's MLflow run."""
+    import mlflow
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = report_dir / "candidates.md"
+    table.write_text(f"# Candidates — objective: {selection.objective}\n\n{selection.markdown()}")
+    png = plot_pareto(selection, baseline, report_dir / "candidates-pareto.png")
+    mlflow.log_artifact(str(table))
+    mlflow.log_artifact(str(png))
+    mlflow.log_dict(
+        {
+            "objective": selection.objective,
+            "winner": selection.winner,
+            "candidates": [asdict(r) for r in selection.rows],
+        },
+        "selection.json",
+    )
 
 
 @task(name="register")
@@ -51,6 +67,8 @@ def register_task(
     parent_folder: Path,
     compressed: list[CompressedModel],
     evaluations: list[Evaluation],
+    objective: ObjectiveSpec,
+    report_dir: Path,
     parent_run_id: str | None,
     trigger: str,
 ) -> Registration:
@@ -78,6 +96,9 @@ def register_task(
             tags = {
                 "lockgate.role": "candidate",
                 registry.TAG_CANDIDATE: model.candidate,
+                "lockgate.recipe": " -> ".join(model.step_kinds),
+                # MLflow caps a tag value at 5,000 characters; the full recipe is in the compress run.
+                "lockgate.recipe_json": model.recipe_json[:5000],
                 **_evaluation_tags(evaluation),
             }
             ref = registry.log_model_version(model.folder, registered_model, tags)
@@ -87,12 +108,15 @@ def register_task(
                 registry.reject_candidate(ref, reason, trigger)
                 rejected[model.candidate] = reason
                 logger.warning("candidate %s (v%s) rejected: %s", model.candidate, ref.version, reason)
-        chosen = choose_candidate(names, evaluations)
+        selection = select_candidate(names, evaluations, objective)
+        _log_selection(selection, evaluations[0].baseline.as_dict(), report_dir)
+        chosen = selection.winner
         staged = None
         if chosen is not None:
             staged = versions[chosen]
+            passing = sum(r.passed for r in selection.rows)
             registry.stage_candidate(
-                staged, f"passed every gate; lowest p95 latency among {len(names)}", trigger
+                staged, f"passed every gate; best {selection.objective} among {passing} passing", trigger
             )
             logger.info("candidate %s staged as %s v%s", chosen, registered_model, staged.version)
     return Registration(production, staged, chosen, rejected, versions)

@@ -112,3 +112,63 @@ def send(
 ) -> Outcome:
     """One request's :class:`Outcome` (see :func:`call`)."""
     return call(client, url, target, prompt, user_id, max_new_tokens).outcome
+
+
+@dataclass
+class ClientCounts:
+    """Replayed user requests as their users experienced them (mirrored copies are not counted)."""
+
+    requests: int = 0
+    failed: int = 0  # the user got no answer: the request failed on every version tried
+    failovers: int = 0  # canary requests the canary could not answer, answered by stable instead
+
+
+class FailoverRouter:
+    """The canary's user-facing router: each request goes to its routed version; when the canary cannot
+    answer it (connection refused or dropped mid-request, a timeout, a 5xx), the same request is sent
+    to stable and the user gets stable's answer — as Envoy's retry policy does behind Argo Rollouts.
+
+    Generation requests are safe to send twice (nothing is written). The analysis still sees the
+    canary's own failed outcome (what :meth:`send` returns), so failing over hides a bad canary from
+    users, never from the verdict. A transport failure is followed by one ``/livez`` probe; when that
+    gets no answer either, the candidate is marked dead (:attr:`dead`) and the canary stops."""
+
+    def __init__(self, client: httpx.Client, stable_url: str, canary_url: str, max_new_tokens: int) -> None:
+        self.client = client
+        self.urls: dict[Target, str] = {"stable": stable_url, "canary": canary_url}
+        self.max_new_tokens = max_new_tokens
+        self.counts = ClientCounts()
+        self.dead: str | None = None  # why the candidate is considered dead, once it is
+
+    def _call(self, target: Target, prompt: str, user_id: str) -> Outcome:
+        return call(self.client, self.urls[target], target, prompt, user_id, self.max_new_tokens).outcome
+
+    def send(self, target: Target, prompt: str, user_id: str) -> Outcome:
+        """One user request; returns the routed version's own outcome (for the analysis)."""
+        self.counts.requests += 1
+        outcome = self._call(target, prompt, user_id)
+        if outcome.ok:
+            return outcome
+        if target == "canary":
+            self.counts.failovers += 1
+            answered = self._call("stable", prompt, user_id).ok
+            if outcome.status_code == 0 and self.dead is None:
+                self._probe_canary()
+        else:
+            answered = False  # stable is the fallback: nothing behind it
+        self.counts.failed += int(not answered)
+        return outcome
+
+    def mirror(self, target: Target, prompt: str, user_id: str) -> Outcome:
+        """A copy no user waits for (the 100 % step's stable baseline): neither counted nor retried."""
+        return self._call(target, prompt, user_id)
+
+    def _probe_canary(self) -> None:
+        try:
+            self.client.get(f"{self.urls['canary']}/livez", timeout=2.0)
+        except httpx.TransportError as exc:
+            self.dead = f"candidate service at {self.urls['canary']} does not answer ({type(exc).__name__})"
+
+    def health(self) -> str | None:
+        """None while the candidate is believed alive, else why it is dead."""
+        return self.dead

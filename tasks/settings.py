@@ -24,7 +24,32 @@ class Settings(BaseSettings):
         None, description="MLflow tracking URI; default sqlite in `home` (MLflow refuses ./mlruns)."
     )
     host: str = Field("127.0.0.1", description="Address the services bind to.")
-    task_runner: Literal["threads", "dask"] = Field("threads", description="Prefect task runner.")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="Prefect task runner of the release flow's candidate compression "
+        "(tasks/task_runners.py): threads in the flow's process, or a Dask cluster.",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler of a running Dask cluster (e.g. tcp://dask:8786) for task_runner=dask; "
+        "default: a local cluster of `dask_workers` processes started per flow run.",
+    )
+    dask_workers: int = Field(
+        2, ge=1, le=256, description="Worker processes of the local Dask cluster (one thread each)."
+    )
+    prefect_api_url: str | None = Field(
+        None,
+        description="A Prefect server's API (http://host:4200/api), exported as PREFECT_API_URL; "
+        "default: Prefect's temporary local API (or PREFECT_API_URL when set).",
+    )
+    work_pool: str = Field(
+        "lockgate", description="Prefect process work pool that `deploy --pool` and `worker` use."
+    )
+    postgres_bin: Path | None = Field(
+        None,
+        description="Folder of PostgreSQL's server binaries (initdb, pg_ctl) for `lockgate up`; "
+        "default: PATH, then /usr/lib/postgresql/<newest>/bin.",
+    )
     demo_train_steps: int | None = Field(
         None, ge=1, description="Override the demo model's pre-training steps (tests use fewer)."
     )
@@ -75,6 +100,11 @@ class Settings(BaseSettings):
     def request_log_dir(self) -> Path:
         return self.home / "request-logs"
 
+    @property
+    def stack_dir(self) -> Path:
+        """State of the local team stack (`lockgate up`): databases, logs, the state file."""
+        return self.home / "team-stack"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -106,6 +136,8 @@ def export_environment(settings: Settings | None = None) -> dict[str, str]:
     # Prefect keeps its database and results under the lockgate home unless told otherwise; it reads
     # this at import time, so callers export the environment before importing prefect.
     env["PREFECT_HOME"] = str((s.home / "prefect").resolve())
+    if s.prefect_api_url:
+        env["PREFECT_API_URL"] = s.prefect_api_url
     for key, value in env.items():
         os.environ.setdefault(key, value)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

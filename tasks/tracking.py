@@ -51,6 +51,9 @@ def stage_run(parent_run_id: str | None, stage: str, **tags: str) -> Iterator[Ru
         yield run
 
 
-def run_url(run_id: str, experiment_id: str, ui_base: str = "http://127.0.0.1:5000") -> str:
-    """Where the MLflow UI (``lockgate ui``) shows this run."""
+def run_url(run_id: str, experiment_id: str, ui_base: str | None = None) -> str:
+    """Where the MLflow UI shows this run: the tracking server's own UI, else ``lockgate ui``'s."""
+    if ui_base is None:
+        uri = get_settings().tracking_uri
+        ui_base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{ui_base}/#/experiments/{experiment_id}/runs/{run_id}"

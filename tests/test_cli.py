@@ -47,7 +47,8 @@ def test_validate_reports_every_error_with_position(tmp_path: Path) -> None:
     assert lines == [
         f"{bad}:4:5: pipelines.demo.tracking: missing required field 'tracking'",
         f"{bad}:4:5: pipelines.demo.cannary: unknown key 'cannary'; did you mean 'canary'?",
-        f"{bad}:8:37: pipelines.demo.compress.candidates.0.steps.0.quantize.bits: Input should be 8 or 4 (got 7)",
+        f"{bad}:8:37: pipelines.demo.compress.candidates.0.steps.0.quantize.bits: "
+        "Input should be 8 or 4 (got 7)",
     ]
 
 

@@ -1,9 +1,18 @@
-"""The ``quantize`` step: post-training quantization of Linear layers.
+"""The ``quantize`` step: post-training quantization of Linear layers (section 9.1.1).
 
-INT8 symmetric per-channel weight-only quantization through torchao or optimum-quanto. The result
-is saved with ``save_pretrained`` so it reloads with ``AutoModelForCausalLM.from_pretrained``
-(torchao) or ``QuantizedModelForCausalLM.from_pretrained`` (quanto) — see
-``bentos.runtime.load_model``.
+Backends:
+
+* ``torch`` (and ``auto`` on CPU): lockgate's own format (``bentos.quantized``): INT8 or INT4,
+  symmetric or asymmetric, per tensor / per channel / per group, weight-only, dynamic or static.
+  INT8 symmetric per-channel dynamic runs fbgemm's int8 kernel; the rest dequantizes per call.
+* ``torchao`` (and ``auto`` on CUDA where torchao has the scheme): INT8 weight-only per row, or
+  INT4 group-wise (CUDA only), saved with ``save_pretrained``.
+* ``quanto``: optimum-quanto qint8 / qint4 weights (``QuantizedModelForCausalLM``).
+* ``bitsandbytes``: LLM.int8() / NF4 through transformers (CUDA only).
+
+Every layer's measured max weight error is reported next to its rounding bound (half a grid step;
+α/(2^(b−1)−1)/2 for a symmetric grid). A lockgate-format result is reloaded before the step ends
+and must give bit-identical logits.
 """
 
 from __future__ import annotations
@@ -20,8 +29,12 @@ from tasks.errors import StageFailed
 from tasks.log import get_logger
 
 if TYPE_CHECKING:
-    import torch
+    from collections.abc import Callable
 
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from bentos.quantized import QuantScheme
     from flows.spec import QuantizeStep
 
 log = get_logger(__name__)
@@ -29,15 +42,18 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class LayerError:
-    """Measured weight error of one quantized layer next to the chapter's bound."""
+    """Measured weight error of one quantized layer next to the rounding bound."""
 
     name: str
     max_abs_error: float
-    # ε = α / (2^(b-1) − 1) is the step of a symmetric grid over [−α, α]; rounding loses at most ε/2.
+    #: Half the largest grid step of the layer: ε/2 with ε = α/(2^(b−1)−1) for a symmetric grid.
     bound: float
+    #: max over weights of |error| / (half the step of that weight's own group): ≤ 1 when rounding
+    #: is the only loss (a tighter check than max_abs_error ≤ bound, which compares worst cases).
+    max_error_over_group_bound: float
 
 
-def _linear_names(model: torch.nn.Module) -> list[str]:
+def linear_names(model: torch.nn.Module) -> list[str]:
     import torch
 
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
@@ -46,9 +62,13 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 _BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
+def block_indices(names: list[str]) -> list[int]:
+    return sorted({int(m.group(1)) for n in names if (m := _BLOCK_INDEX.search(n))})
+
+
 def resolve_patterns(names: list[str], patterns: tuple[str, ...]) -> tuple[str, ...]:
     """Expand ``{first}`` / ``{last}`` to the first and last transformer block's modules."""
-    blocks = sorted({int(m.group(1)) for n in names if (m := _BLOCK_INDEX.search(n))})
+    blocks = block_indices(names)
     resolved = []
     for pattern in patterns:
         if pattern in ("{first}", "{last}"):
@@ -70,76 +90,233 @@ def split_layers(
     return [n for n in chosen if n not in kept], [n for n in names if n not in chosen or n in kept]
 
 
-def symmetric_per_channel_error(weight: torch.Tensor, bits: int) -> LayerError:
-    """Max |W − dequant(quant(W))| of symmetric per-row quantization, and its bound ε/2."""
+def scheme_of(step: QuantizeStep) -> QuantScheme:
+    from bentos.quantized import QuantScheme
+
+    return QuantScheme(
+        bits=step.bits,
+        symmetric=step.scheme == "symmetric",
+        granularity=step.granularity,
+        group_size=step.group_size,
+        mode=step.mode,
+    )
+
+
+def weight_error(weight: torch.Tensor, scheme: QuantScheme) -> tuple[float, float, float]:
+    """(max |W − dequant(quant(W))|, largest half step, max error / own group's half step)."""
+    from bentos.quantized import dequantize_weight, quantize_weight, rounding_bound
+
+    q, scale, zero = quantize_weight(weight, scheme)
+    w = weight.detach().float()
+    error = (w - dequantize_weight(q, scale, zero)).abs()
+    half_step = rounding_bound(scale)
+    rows, groups = scale.shape
+    per_weight = (error.reshape(rows, groups, -1) / half_step[..., None]).amax()
+    return float(error.max()), float(half_step.max()), float(per_weight)
+
+
+def layer_errors(model: torch.nn.Module, names: list[str], scheme: QuantScheme) -> tuple[LayerError, ...]:
+    """Per-layer error of ``scheme`` on the float weights of ``model`` (before they are replaced)."""
     import torch
 
-    levels = 2 ** (bits - 1) - 1
-    alpha = weight.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-    scale = alpha / levels
-    restored = torch.clamp(torch.round(weight / scale), -levels, levels) * scale
-    return LayerError("", float((weight - restored).abs().max()), float((scale / 2).max()))
-
-
-def _layer_errors(model: torch.nn.Module, layers: list[str], bits: int) -> tuple[LayerError, ...]:
-    import torch
-
-    modules = dict(model.named_modules())
+    errors = []
     with torch.no_grad():
-        errors = []
-        for name in layers:
-            err = symmetric_per_channel_error(modules[name].weight.detach().float(), bits)
-            errors.append(LayerError(name, err.max_abs_error, err.bound))
+        for name in names:
+            err, bound, ratio = weight_error(model.get_submodule(name).weight, scheme)
+            errors.append(LayerError(name, err, bound, ratio))
     return tuple(errors)
 
 
-def _quantize_torchao(parent: Path, out: Path, kept: list[str]) -> None:
+def calibrate_input_ranges(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, names: list[str], prompts: tuple[str, ...]
+) -> dict[str, tuple[float, float]]:
+    """Min and max input of each named Linear over the calibration prompts (static mode)."""
+    import torch
+
+    ranges: dict[str, list[float]] = {n: [0.0, 0.0] for n in names}
+
+    def observer(name: str) -> Callable[[torch.nn.Module, tuple], None]:
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen = ranges[name]
+            seen[0] = min(seen[0], float(args[0].min()))
+            seen[1] = max(seen[1], float(args[0].max()))
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(observer(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            # One prompt at a time: padding would widen the ranges with values real inputs never have.
+            for prompt in prompts:
+                model(**tokenizer(prompt, return_tensors="pt"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: (lo, hi) for n, (lo, hi) in ranges.items()}
+
+
+def probe_ids(tokenizer: PreTrainedTokenizerBase, prompts: tuple[str, ...]) -> torch.Tensor:
+    """Token ids the reload check scores: a calibration prompt, or a fixed sentence without one."""
+    text = prompts[0] if prompts else "Q: what is 12 plus 7?\nA: 19"
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def save_verified(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, ids: torch.Tensor
+) -> None:
+    """Save in lockgate's format and reload: the logits must be bit-identical, or the step fails."""
+    import torch
+
+    from bentos.quantized import load_quantized, save_quantized
+
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    save_quantized(model, out)
+    tokenizer.save_pretrained(out)
+    with torch.inference_mode():
+        after = load_quantized(out)(input_ids=ids).logits
+    if not torch.equal(before, after):
+        diff = float((before - after).abs().max())
+        raise StageFailed("compress", f"quantize: reloaded {out} differs from the quantized model by {diff}")
+
+
+def quantize_in_place(
+    model: PreTrainedModel, names: list[str], scheme: QuantScheme, input_ranges: dict | None = None
+) -> tuple[LayerError, ...]:
+    """Replace ``names`` with QuantLinear modules; returns their errors measured before replacement."""
+    from bentos.quantized import quantize_linears
+
+    errors = layer_errors(model, names, scheme)
+    quantize_linears(model, names, scheme, input_ranges)
+    return errors
+
+
+def resolve_backend(step: QuantizeStep, device: str) -> str:
+    """``auto`` → lockgate's kernels on CPU; torchao on CUDA where torchao has the scheme."""
+    if step.backend != "auto":
+        return step.backend
+    torchao_scheme = step.scheme == "symmetric" and step.mode == "weight_only"
+    torchao_scheme &= step.granularity == "group" if step.bits == 4 else step.granularity == "per_channel"
+    return "torchao" if device == "cuda" and torchao_scheme else "torch"
+
+
+def _quantize_torch(
+    current: Path, out: Path, step: QuantizeStep, context: StepContext, names: list[str]
+) -> tuple[LayerError, ...]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(current)
+    model = AutoModelForCausalLM.from_pretrained(current, dtype="float32").eval()
+    ranges = None
+    if step.mode == "static":
+        prompts = context.calibration_prompts[: step.calibration_samples]
+        if not prompts:
+            raise StageFailed(
+                "compress", "quantize.mode static needs calibration prompts; data.calibration is empty"
+            )
+        ranges = calibrate_input_ranges(model, tokenizer, names, prompts)
+    try:
+        errors = quantize_in_place(model, names, scheme_of(step), ranges)
+    except ValueError as exc:  # e.g. "group_size: 48 does not divide in_features 64"
+        raise StageFailed("compress", f"quantize.{exc}") from exc
+    save_verified(model, tokenizer, out, probe_ids(tokenizer, context.calibration_prompts))
+    return errors
+
+
+def _quantize_torchao(current: Path, out: Path, step: QuantizeStep, device: str, kept: list[str]) -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
+    if step.bits == 4 and device != "cuda":
+        # verified-stack §6: every Int4WeightOnlyConfig packing failed on CPU (mslk / CUDA needed).
+        raise StageFailed("compress", "quantize.backend torchao: int4 is CUDA-only; use backend torch on CPU")
     # Int8WeightOnlyConfig defaults to PerRow granularity: one scale per output channel.
-    config = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=kept or None)
-    model = AutoModelForCausalLM.from_pretrained(parent, quantization_config=config, device_map="cpu")
+    ao = Int4WeightOnlyConfig(group_size=step.group_size) if step.bits == 4 else Int8WeightOnlyConfig()
+    config = TorchAoConfig(ao, modules_to_not_convert=kept or None)
+    model = AutoModelForCausalLM.from_pretrained(current, quantization_config=config, device_map=device)
     model.save_pretrained(out)
 
 
-def _quantize_quanto(parent: Path, out: Path, kept: list[str]) -> None:
-    from optimum.quanto import QuantizedModelForCausalLM, qint8
+def _quantize_quanto(current: Path, out: Path, step: QuantizeStep, kept: list[str]) -> None:
+    from optimum.quanto import QuantizedModelForCausalLM, qint4, qint8
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(parent)
-    # quanto quantizes weights per output channel, symmetric, for qint8.
-    QuantizedModelForCausalLM.quantize(model, weights=qint8, exclude=kept or None).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(current)
+    # quanto's own schemes: qint8 per output channel symmetric; qint4 group-wise (128) with offsets.
+    weights = qint4 if step.bits == 4 else qint8
+    QuantizedModelForCausalLM.quantize(model, weights=weights, exclude=kept or None).save_pretrained(out)
 
 
-def apply(parent: Path, out: Path, step: QuantizeStep, context: StepContext) -> StepOutcome:
-    """Quantize ``parent`` into ``out``, reporting per-layer errors next to their bound."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _quantize_bitsandbytes(
+    current: Path, out: Path, step: QuantizeStep, device: str, kept: list[str]
+) -> None:
+    if device != "cuda":
+        raise StageFailed("compress", "quantize.backend bitsandbytes needs CUDA; use backend torch on CPU")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    ignore = context.auto_ignore if step.ignore == "auto" else step.ignore
-    if ignore is None:
+    config = BitsAndBytesConfig(
+        load_in_8bit=step.bits == 8, load_in_4bit=step.bits == 4, llm_int8_skip_modules=kept or None
+    )
+    AutoModelForCausalLM.from_pretrained(
+        current, quantization_config=config, device_map=device
+    ).save_pretrained(out)
+
+
+def resolve_ignore(step_ignore: tuple[str, ...] | str, context: StepContext) -> tuple[str, ...]:
+    if step_ignore != "auto":
+        return tuple(step_ignore)
+    if context.auto_ignore is None:
         raise StageFailed("compress", "quantize.ignore is 'auto' but no sensitivity step ran before it")
-    reference = AutoModelForCausalLM.from_pretrained(parent)
-    quantized, kept = split_layers(_linear_names(reference), ignore, step.targets)
+    return context.auto_ignore
+
+
+def apply(current: Path, out: Path, step: QuantizeStep, context: StepContext) -> StepOutcome:
+    """Quantize ``current`` into ``out``, reporting per-layer errors next to their bound."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ignore = resolve_ignore(step.ignore, context)
+    with torch.device("meta"):  # names only: no weights read or initialised
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(current))
+    names = linear_names(skeleton)
+    quantized, kept = split_layers(names, ignore, step.targets)
     if not quantized:
-        raise StageFailed(
-            "compress", f"quantize.ignore {list(step.ignore)} leaves no Linear layer to quantize"
-        )
-    errors = _layer_errors(reference, quantized, step.bits)
-    del reference
-    if step.backend in ("torchao", "auto"):
-        _quantize_torchao(parent, out, kept)
+        raise StageFailed("compress", f"quantize.ignore {list(ignore)} leaves no Linear layer to quantize")
+    backend = resolve_backend(step, context.device)
+    log.info("quantize: %d Linear layers, %d kept in float, backend %s", len(quantized), len(kept), backend)
+    if backend == "torch":
+        errors = _quantize_torch(current, out, step, context, quantized)
     else:
-        _quantize_quanto(parent, out, kept)
-    AutoTokenizer.from_pretrained(parent).save_pretrained(out)
-    worst = max((e.max_abs_error / e.bound for e in errors), default=0.0)
+        # Third-party backends: errors of lockgate's grid for the same scheme, as the estimate.
+        reference = AutoModelForCausalLM.from_pretrained(current, dtype="float32")
+        errors = layer_errors(reference, quantized, scheme_of(step))
+        del reference
+        if backend == "torchao":
+            _quantize_torchao(current, out, step, context.device, kept)
+        elif backend == "quanto":
+            _quantize_quanto(current, out, step, kept)
+        else:
+            _quantize_bitsandbytes(current, out, step, context.device, kept)
+        AutoTokenizer.from_pretrained(current).save_pretrained(out)
+    worst_abs = max(e.max_abs_error / e.bound for e in errors)
+    worst_group = max(e.max_error_over_group_bound for e in errors)
     return StepOutcome(
         folder=out,
-        metrics={"layers_quantized": len(quantized), "max_layer_error_over_bound": worst},
+        metrics={
+            "layers_quantized": len(quantized),
+            "layers_kept": len(kept),
+            "bits": step.bits,
+            "max_layer_error_over_bound": worst_abs,
+            "max_error_over_group_bound": worst_group,
+        },
         report={
+            "backend": backend,
+            "scheme": step.model_dump(mode="json"),
+            "resolved_ignore": list(resolve_patterns(names, ignore)),
             "quantized_layers": quantized,
             "kept_layers": kept,
             "layer_errors": [asdict(e) for e in errors],
+            "errors_measured_on": "lockgate format" if backend == "torch" else "lockgate grid (estimate)",
         },
     )

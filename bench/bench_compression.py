@@ -1,0 +1,317 @@
+"""FP32 vs INT8 (dynamic, weight-only) vs INT4 on CPU, side by side in one run.
+
+Two models: (a) the demo model lockgate trains itself (``tasks.demo_model``); (b) a randomly
+initialised model with Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864,
+tied embeddings; speed does not depend on the weight values). Each variant is produced by the real
+``quantize`` step (default mixed-precision ignore list: lm_head, embeddings, first and last blocks)
+and loaded through ``bentos.runtime.load_model``, i.e. exactly what evaluation and serving run.
+
+Measured per variant: prefill time of a ``--prompt-tokens`` prompt (one forward, logits of the last
+position only, as ``generate`` does), greedy decode tokens/s at batch 1 over ``--decode-tokens``
+steps with the KV cache, weights size ratio, and on the demo model the perplexity of its eval set.
+Variants are measured in interleaved rounds (median over ``--rounds``) so load changes on the shared
+machine hit every variant alike. Writes ``reports/bench/compression-cpu.md`` unless ``--quick``.
+
+    .venv/bin/python bench/bench_compression.py              # ~5-10 min on 2 busy cores
+    .venv/bin/python bench/bench_compression.py --quick      # tiny shapes, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+
+from bentos.runtime import LoadedModel, load_model, weights_size_bytes  # noqa: E402
+from flows.spec import QuantizeStep  # noqa: E402
+from tasks.compression import quantize  # noqa: E402
+from tasks.compression.base import StepContext  # noqa: E402
+from tasks.compression.sensitivity import perplexity  # noqa: E402
+
+VARIANTS: dict[str, QuantizeStep | None] = {
+    "fp32": None,
+    "int8-dynamic": QuantizeStep(bits=8, mode="dynamic"),
+    "int8-weight-only": QuantizeStep(bits=8, mode="weight_only"),
+    "int4-g32-weight-only": QuantizeStep(bits=4, granularity="group", group_size=32),
+    # Every block quantized (only lm_head and embeddings in FP32): how far size can go. Size and
+    # perplexity only; its speed is that of the row above.
+    "int4-g32-all-blocks": QuantizeStep(
+        bits=4, granularity="group", group_size=32, ignore=("lm_head", "*embed*")
+    ),
+}
+UNTIMED = ("int4-g32-all-blocks",)
+QWEN_SHAPE = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "tie_word_embeddings": True,
+}
+
+
+@dataclass
+class Timing:
+    prefill_s: list[float]
+    decode_tok_s: list[float]
+
+
+def build_qwen_shape(folder: Path, vocab: int, tokenizer_from: Path, layers: int) -> Path:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab, max_position_embeddings=4096, **{**QWEN_SHAPE, "num_hidden_layers": layers}
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    # The quantize step saves a tokenizer next to the weights; the timings use random token ids.
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return folder
+
+
+def make_variants(parent: Path, root: Path, prompts: tuple[str, ...]) -> dict[str, Path]:
+    folders = {"fp32": parent}
+    context = StepContext(parent=parent, calibration_prompts=prompts, train_pairs=())
+    for name, step in VARIANTS.items():
+        if step is not None:
+            started = time.perf_counter()
+            folders[name] = quantize.apply(parent, root / name, step, context).folder
+            print(f"  quantized {name} in {time.perf_counter() - started:.1f}s", flush=True)
+    return folders
+
+
+def time_once(lm: LoadedModel, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of one greedy run with the KV cache."""
+    model = lm.model
+    with torch.inference_mode():
+        started = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - started
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = decode_tokens / (time.perf_counter() - started)
+    return prefill, decode
+
+
+def measure(
+    models: dict[str, LoadedModel], ids: torch.Tensor, decode_tokens: int, rounds: int
+) -> dict[str, Timing]:
+    timings = {name: Timing([], []) for name in models}
+    for lm in models.values():
+        # Warm-up at full size: fbgemm's first calls at a new shape were measured 2-5x slower.
+        time_once(lm, ids, decode_tokens)
+    for _ in range(rounds):
+        for name, lm in models.items():
+            prefill, decode = time_once(lm, ids, decode_tokens)
+            timings[name].prefill_s.append(prefill)
+            timings[name].decode_tok_s.append(decode)
+    return timings
+
+
+def bench_model(
+    title: str,
+    parent: Path,
+    root: Path,
+    ids: torch.Tensor,
+    decode_tokens: int,
+    args: argparse.Namespace,
+    prompts: tuple[str, ...],
+    eval_texts: tuple[str, ...] | None,
+) -> list[dict]:
+    print(f"{title}: quantizing", flush=True)
+    folders = make_variants(parent, root, prompts)
+    models = {name: load_model(folder, device="cpu") for name, folder in folders.items()}
+    timed = {name: lm for name, lm in models.items() if name not in UNTIMED}
+    print(f"{title}: timing {len(timed)} variants x {args.rounds} rounds", flush=True)
+    timings = measure(timed, ids, decode_tokens, args.rounds)
+    base_size = weights_size_bytes(parent)
+    rows = []
+    for name, lm in models.items():
+        # Best of the rounds: on a shared machine other agents' load only ever slows a round down.
+        t = timings.get(name, Timing([float("nan")], [float("nan")]))
+        row = {
+            "variant": name,
+            "prefill_ms": 1e3 * min(t.prefill_s),
+            "decode_tok_s": max(t.decode_tok_s),
+            "prefill_ms_median": 1e3 * statistics.median(t.prefill_s),
+            "decode_tok_s_median": statistics.median(t.decode_tok_s),
+            "size_mb": weights_size_bytes(folders[name]) / 1e6,
+            "size_ratio": weights_size_bytes(folders[name]) / base_size,
+        }
+        if eval_texts is not None:
+            row["perplexity"] = perplexity(lm.model, lm.tokenizer, eval_texts)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+        row["decode_speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
+        if "perplexity" in row:
+            row["ppl_increase_pct"] = 100 * (row["perplexity"] / base["perplexity"] - 1)
+    for row in rows:
+        print(f"  {row}", flush=True)
+    del models
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    ppl = "perplexity" in rows[0]
+    head = (
+        "| variant | prefill ms (median) | prefill × | decode tok/s (median) | decode × | size MB "
+        "| size ratio |"
+    )
+    head += " perplexity | Δ ppl % |" if ppl else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if math.isnan(r["prefill_ms"]):
+            timing = "| not timed (as the row above) | | | "
+        else:
+            timing = (
+                f"| {r['prefill_ms']:.1f} ({r['prefill_ms_median']:.1f}) | {r['prefill_speedup']:.2f} "
+                f"| {r['decode_tok_s']:.2f} ({r['decode_tok_s_median']:.2f}) | {r['decode_speedup']:.2f} "
+            )
+        line = f"| {r['variant']} {timing}| {r['size_mb']:.2f} | {r['size_ratio']:.3f} |"
+        if ppl:
+            line += f" {r['perplexity']:.4f} | {r['ppl_increase_pct']:+.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"quantized engine {torch.backends.quantized.engine}, Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, 1 round, print only")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=16, help="demo model")
+    parser.add_argument("--qwen-decode-tokens", type=int, default=8, help="Qwen-shape model")
+    parser.add_argument("--qwen-vocab", type=int, default=151936, help="Qwen2-0.5B's real vocabulary")
+    parser.add_argument("--qwen-layers", type=int, default=24)
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "compression-cpu.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.prompt_tokens, args.qwen_vocab, args.qwen_layers = 1, 32, 4096, 4
+        args.decode_tokens = args.qwen_decode_tokens = 4
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+
+    from tasks.demo_corpus import demo_dataset
+    from tasks.demo_model import ensure_demo_model
+
+    demo = ensure_demo_model(Path(os.environ.get("LOCKGATE_DEMO_CACHE", REPO / ".lockgate" / "demo-cache")))
+    calibration = tuple(demo_dataset("calibration")["prompt"])
+    frame = demo_dataset("eval")
+    eval_texts = tuple(f"{p} {a}" for p, a in zip(frame["prompt"], frame["answer"], strict=True))
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="lockgate-bench-compress-") as tmp:
+        root = Path(tmp)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(demo)
+        # A long prompt of real text for the demo model (its positions stop at 256).
+        text = " ".join(calibration)
+        demo_ids = tok(text, return_tensors="pt")["input_ids"][:, : args.prompt_tokens]
+        results["demo"] = bench_model(
+            "demo model",
+            demo,
+            root / "demo",
+            demo_ids,
+            args.decode_tokens,
+            args,
+            calibration[:16],
+            eval_texts,
+        )
+        qwen = build_qwen_shape(root / "qwen-fp32", args.qwen_vocab, demo, args.qwen_layers)
+        torch.manual_seed(1)
+        qwen_ids = torch.randint(0, args.qwen_vocab, (1, args.prompt_tokens))
+        results["qwen"] = bench_model(
+            "qwen2-0.5b shape",
+            qwen,
+            root / "qwen",
+            qwen_ids,
+            args.qwen_decode_tokens,
+            args,
+            calibration[:4],
+            None,
+        )
+    load_after = os.getloadavg()
+    elapsed = time.perf_counter() - started
+    report = render(results, args, load_before, load_after, elapsed)
+    print(report)
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        print(f"wrote {args.out}")
+
+
+def _loads(values: tuple[float, ...]) -> str:
+    return " / ".join(f"{x:.2f}" for x in values)
+
+
+def render(
+    results: dict[str, list[dict]],
+    args: argparse.Namespace,
+    load_before: tuple[float, ...],
+    load_after: tuple[float, ...],
+    elapsed: float,
+) -> str:
+    return "\n".join(
+        [
+            "# Compression on CPU: FP32 vs INT8 vs INT4 (`bench/bench_compression.py`)",
+            "",
+            f"- Machine: {machine()}",
+            f"- Load average (1/5/15 min) at start: {_loads(load_before)}; at end: {_loads(load_after)} "
+            "(the machine is shared; the variants are interleaved per round so load hits all alike)",
+            f"- Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed:.0f} s; best of "
+            f"{args.rounds} interleaved rounds (median in brackets); prompt {args.prompt_tokens} tokens; "
+            f"decode {args.decode_tokens} (demo) / {args.qwen_decode_tokens} (Qwen shape) tokens at "
+            "batch 1, greedy, KV cache",
+            "- Variants come from the `quantize` step with its default ignore list (lm_head, embeddings, "
+            "first and last blocks stay FP32) and load through `bentos.runtime.load_model`.",
+            "",
+            "## (a) Demo model (1.03 M parameters, 4 blocks of width 128)",
+            "",
+            table(results["demo"]),
+            "",
+            f"## (b) Random model with Qwen2-0.5B's shape (vocab {args.qwen_vocab}, "
+            f"{args.qwen_layers} layers)",
+            "",
+            table(results["qwen"]),
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The ``sensitivity`` step: which blocks (or Linears) lose the most when quantized alone.
+
+Each unit is quantized on its own (symmetric, weight-only, at the probed bit width) and the
+perplexity of the calibration prompts is compared with the unquantized model. Units whose
+perplexity rises more than ``max_increase_pct`` become the ignore list a following
+``quantize: {ignore: auto}`` keeps in float. The weights are not changed: the step's folder is a
+copy of its input.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tasks.compression.base import StepContext, StepOutcome
+from tasks.compression.quantize import block_indices, linear_names
+from tasks.errors import StageFailed
+from tasks.log import get_logger
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from flows.spec import SensitivityStep
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitSensitivity:
+    """Perplexity with one unit quantized, against the unquantized model."""
+
+    pattern: str
+    layers: int
+    perplexity: float
+    increase_pct: float
+    kept: bool
+
+
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: tuple[str, ...]) -> float:
+    """exp(mean next-token NLL) over every token of ``texts``, scored one text at a time (no padding)."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    if count == 0:
+        raise StageFailed("compress", "sensitivity: calibration prompts have no token pairs to score")
+    return math.exp(nll / count)
+
+
+def units(names: list[str], unit: str) -> dict[str, list[str]]:
+    """Probe units as {ignore pattern: Linear names}: one per block (plus lm_head) or one per Linear."""
+    if unit == "layer":
+        return {name: [name] for name in names}
+    groups: dict[str, list[str]] = {}
+    for index in block_indices(names):
+        pattern = f"*.layers.{index}.*"
+        groups[pattern] = [n for n in names if f".layers.{index}." in n]
+    outside = [n for n in names if not any(n in members for members in groups.values())]
+    for name in outside:  # lm_head and any Linear outside the block list is a unit of its own
+        groups[name] = [name]
+    return groups
+
+
+def copy_model_files(current: Path, out: Path) -> None:
+    """The model's own files only: a demo parent also holds base/ and adapter/ folders, not needed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in current.iterdir():
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+
+
+def apply(current: Path, out: Path, step: SensitivityStep, context: StepContext) -> StepOutcome:
+    """Probe each unit; ``auto_ignore`` lists those over ``max_increase_pct``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bentos.quantized import QuantScheme, quantize_linears, set_submodule
+
+    prompts = context.calibration_prompts[: step.samples]
+    if not prompts:
+        raise StageFailed("compress", "sensitivity.samples: data.calibration has no prompts to score")
+    tokenizer = AutoTokenizer.from_pretrained(current)
+    model = AutoModelForCausalLM.from_pretrained(current, dtype="float32").eval()
+    scheme = QuantScheme(bits=step.bits, granularity=step.granularity, group_size=step.group_size)
+    baseline = perplexity(model, tokenizer, prompts)
+    results = []
+    for pattern, members in units(linear_names(model), step.unit).items():
+        originals = quantize_linears(model, members, scheme)
+        try:
+            ppl = perplexity(model, tokenizer, prompts)
+        finally:  # put the float layers back before the next unit is probed
+            for name, linear in originals.items():
+                set_submodule(model, name, linear)
+        increase = 100.0 * (ppl / baseline - 1.0)
+        results.append(
+            UnitSensitivity(pattern, len(members), ppl, increase, increase > step.max_increase_pct)
+        )
+        log.info("sensitivity %s: ppl %.4f (%+.2f %%)", pattern, ppl, increase)
+    copy_model_files(current, out)
+    ignore = tuple(r.pattern for r in results if r.kept)
+    return StepOutcome(
+        folder=out,
+        metrics={
+            "baseline_perplexity": baseline,
+            "units_probed": len(results),
+            "units_kept": len(ignore),
+            "max_increase_pct": max(r.increase_pct for r in results),
+        },
+        report={
+            "baseline_perplexity": baseline,
+            "probe": asdict(scheme),
+            "units": [asdict(r) for r in results],
+            "auto_ignore": list(ignore),
+        },
+        auto_ignore=ignore,
+    )
