@@ -23,10 +23,31 @@ class ModelResolveError(RuntimeError):
     """The URI names no loadable model."""
 
 
+#: Model-version tag the monitor's ``recalibrate`` response writes; the service applies it live.
+CALIBRATION_TAG = "lockgate.calibration.temperature"
+
+
 @dataclass(frozen=True)
 class PinnedVersion:
     name: str
     version: str
+
+
+def calibration_temperature(pinned: PinnedVersion) -> float:
+    """The version's fitted calibration temperature, 1.0 when it has none (or a bad value)."""
+    from mlflow import MlflowClient
+
+    value = MlflowClient().get_model_version(pinned.name, pinned.version).tags.get(CALIBRATION_TAG)
+    return parse_temperature(value)
+
+
+def parse_temperature(value: str | None) -> float:
+    """A tag value as a temperature; 1.0 (no scaling) when absent, not a number or out of range."""
+    try:
+        temperature = float(value) if value is not None else 1.0
+    except ValueError:
+        return 1.0
+    return temperature if 0.01 <= temperature <= 100 else 1.0
 
 
 def pin_version(uri: str) -> PinnedVersion:

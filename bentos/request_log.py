@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS requests (
     status TEXT NOT NULL CHECK (status IN ('ok', 'error', 'rejected')),
     error TEXT,
     prompt TEXT,
-    output TEXT
+    output TEXT,
+    confidence REAL
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 """
@@ -62,6 +63,7 @@ class RequestRow:
     error: str | None = None
     prompt: str | None = None
     output: str | None = None
+    confidence: float | None = None
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRow))
@@ -100,7 +102,10 @@ class RequestLog:
             raise FileNotFoundError(f"request log {self.path} does not exist")
         # A fresh read-only connection per call: readers never block the writer under WAL.
         with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as conn:
-            query = f"SELECT {', '.join(COLUMNS)} FROM requests"
+            # A log written before a column was added lacks it until a writer opens it: read NULLs.
+            present = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+            selected = ", ".join(c if c in present else f"NULL AS {c}" for c in COLUMNS)
+            query = f"SELECT {selected} FROM requests"
             if since is None:
                 return pd.read_sql_query(query + " ORDER BY ts", conn)
             return pd.read_sql_query(query + " WHERE ts >= ? ORDER BY ts", conn, params=(since,))
@@ -123,5 +128,10 @@ class RequestLog:
             # per row; the fsync happens at checkpoints.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            # Logs written before the confidence column existed get it added (NULL for old rows).
+            present = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+            for column in ("confidence",):
+                if column not in present:
+                    conn.execute(f"ALTER TABLE requests ADD COLUMN {column} REAL")
             self._conn = conn
         return self._conn

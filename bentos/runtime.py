@@ -65,6 +65,9 @@ class Generation:
     latency_s: float
     first_token_s: float | None
     finish_reason: FinishReason
+    #: Probability of the first generated token under softmax(logits / calibration temperature):
+    #: the confidence that feedback labels turn into ECE, and that recalibration fits.
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class LoadedModel:
         # once were seen to hang the service; and on few CPU cores parallel passes only fight anyway.
         self._lock = _FORWARD_LOCK
         self._eos_ids = _eos_ids(model, tokenizer)
+        #: Temperature-scaling factor fitted on feedback (monitor ``recalibrate`` response): divides the
+        #: logits behind ``Generation.confidence``; 1.0 until a fit says otherwise.
+        self.calibration_temperature = 1.0
 
     def generate(
         self,
@@ -194,14 +200,25 @@ class LoadedModel:
                 generation_config=self._generation_config(params, max(budgets)),
                 stopping_criteria=criteria,
                 streamer=timer,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
             latency = time.perf_counter() - started
+            confidence = self._first_token_confidence(out.logits[0], out.sequences[:, prompt_len])
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         results = []
-        for row, budget, n_prompt in zip(out[:, prompt_len:].tolist(), budgets, prompt_tokens, strict=True):
+        rows = out.sequences[:, prompt_len:].tolist()
+        for row, budget, n_prompt, conf in zip(rows, budgets, prompt_tokens, confidence, strict=True):
             text, n_out, reason = self._finish(row[:budget], params.stop)
-            results.append(Generation(text, int(n_prompt), n_out, latency, timer.first_token_s, reason))
+            results.append(Generation(text, int(n_prompt), n_out, latency, timer.first_token_s, reason, conf))
         return results
+
+    def _first_token_confidence(self, logits: torch.Tensor, chosen: torch.Tensor) -> list[float]:
+        """P(first generated token) per row, temperature-scaled as σ(logit(p) / T): the same transform
+        the monitor fits on feedback (tasks/feedback.py), so a fitted T applies here unchanged."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        p = probs.gather(1, chosen[:, None].to(probs.device))[:, 0].clamp(1e-7, 1 - 1e-7)
+        return torch.sigmoid(torch.logit(p) / self.calibration_temperature).tolist()
 
     def stream(
         self,

@@ -80,8 +80,13 @@ def _normalise(text: pd.Series) -> pd.Series:
 
 def join_feedback(feedback: pd.DataFrame, requests: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Labelled served requests in serving order with a 0/1 ``correct``; and the count left unmatched."""
-    served = requests[requests["status"] == "ok"][["request_id", "ts", "output"]]
+    columns = ["request_id", "ts", "output"]
+    # The service logs its (calibrated) confidence per request; a feedback file may bring its own.
+    served_confidence = "confidence" in requests.columns and "confidence" not in feedback.columns
+    served = requests[requests["status"] == "ok"][columns + (["confidence"] if served_confidence else [])]
     joined = feedback.merge(served, on="request_id", how="inner").sort_values("ts", kind="stable")
+    if served_confidence and joined["confidence"].isna().all():
+        joined = joined.drop(columns="confidence")  # logs from before the column existed
     judged = joined["correct"] if "correct" in joined.columns else pd.Series(np.nan, index=joined.index)
     by_text = (_normalise(joined["output"]) == _normalise(joined["label"])).astype(float)
     # Without logged output text only human judgements count (LOCKGATE_LOG_TEXT=1 logs outputs).

@@ -94,6 +94,11 @@ def _wait_ready(name: str, version: str, timeout_s: float = 60) -> None:
         time.sleep(0.2)
 
 
+def get_tags(ref: ModelVersionRef) -> dict[str, str]:
+    """The model version's tags."""
+    return dict(_client().get_model_version(ref.name, ref.version).tags)
+
+
 def set_tags(ref: ModelVersionRef, tags: dict[str, str]) -> None:
     client = _client()
     for key, value in tags.items():

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from bentos.model_resolver import CALIBRATION_TAG, parse_temperature
 from tasks import registry
 from tasks.alerting import Alert, Alerter, AlertOutcome, state_db
 from tasks.errors import LockgateError, RegistryError
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 TRIGGER = "lockgate-monitor"
-TAG_TEMPERATURE = "lockgate.calibration.temperature"
+TAG_TEMPERATURE = CALIBRATION_TAG
 Outcome = Literal["acted", "alerted", "waiting_for_evidence", "cooling_down", "quiet", "failed"]
 
 _SCHEMA = """
@@ -216,10 +217,13 @@ def recalibrate(model: str, feedback: FeedbackResult | None, out_dir: Path) -> d
     if production is None:
         raise ResponseFailed(f"recalibrate: {model} has no Production version to calibrate")
     fit = fit_temperature(np.array(feedback.confidence), np.array(feedback.correct))
+    # The service logs confidences already scaled by the version's current temperature T0, and
+    # σ(logit(σ(logit(p)/T0))/T) = σ(logit(p)/(T0·T)): the new tag is the product.
+    current = parse_temperature(registry.get_tags(production).get(TAG_TEMPERATURE))
     registry.set_tags(
         production,
         {
-            TAG_TEMPERATURE: f"{fit.temperature:.6g}",
+            TAG_TEMPERATURE: f"{current * fit.temperature:.6g}",
             "lockgate.calibration.ece_before": f"{fit.ece_before:.6g}",
             "lockgate.calibration.ece_after": f"{fit.ece_after:.6g}",
             "lockgate.calibration.labels": str(fit.n),

@@ -76,3 +76,46 @@ def test_stage_transition_switches_served_version_under_load(
     assert first_new >= asked_at
     # Once switched, it stays switched.
     assert {v for t, _, v in answers if t > first_new} == {v2.version}
+
+
+def test_recalibration_tag_rescales_confidence_live_and_is_logged(
+    tmp_path: Path, tiny_llm_dir: Path, tracking: str
+) -> None:
+    """The monitor's recalibrate response tags the Production version; the service applies the
+    temperature without a reload, and logs the calibrated confidence for the next feedback join."""
+    from bentos.model_resolver import CALIBRATION_TAG
+    from bentos.request_log import RequestLog
+
+    name = f"calib-{uuid.uuid4().hex[:8]}"
+    with mlflow.start_run(run_name="calibration-test"):
+        v1 = registry.log_model_version(tiny_llm_dir, name, {"lockgate.role": "baseline"})
+        registry.promote_first_production(v1, "test")
+    log_path = tmp_path / "requests.sqlite"
+    [service] = start_services(
+        [
+            {
+                "target": "bentos.llm_service:LLMService",
+                "role": "stable",
+                "model_uri": f"models:/{name}/Production",
+                "request_log": log_path,
+                "log_dir": tmp_path / "logs",
+                "extra_env": {"LOCKGATE_REGISTRY_POLL_S": "0.3"},
+            }
+        ]
+    )
+    body = {"prompt": "Q: what is 2 plus 2?\nA:", "max_new_tokens": 1}
+    with service, httpx.Client(timeout=30) as client:
+        raw = client.post(f"{service.url}/generate", json=body).json()
+        registry.set_tags(v1, {CALIBRATION_TAG: "4"})
+        deadline = time.monotonic() + 10
+        scaled = raw
+        while time.monotonic() < deadline and scaled["confidence"] == raw["confidence"]:
+            time.sleep(0.3)
+            scaled = client.post(f"{service.url}/generate", json=body).json()
+    p = raw["confidence"]
+    expected = 1 / (1 + ((1 - p) / p) ** (1 / 4))  # σ(logit(p) / 4)
+    assert scaled["text"] == raw["text"] and scaled["model_version"] == raw["model_version"]
+    assert abs(scaled["confidence"] - expected) < 1e-4, (p, scaled["confidence"], expected)
+    logged = RequestLog(log_path).read_frame()
+    assert logged["confidence"].notna().all()
+    assert abs(logged["confidence"].iloc[0] - p) < 1e-5
