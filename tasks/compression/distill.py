@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.compression.base import StepContext, StepOutcome
-from tasks.compression.recover import (
+from tasks.compression.training import (
     EVAL_ROWS,
     collate,
     encode_pairs,

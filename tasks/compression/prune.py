@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.compression.base import StepContext, StepOutcome
-from tasks.compression.recover import (
+from tasks.compression.training import (
     Encoded,
     causal_lm_loss,
     collate,

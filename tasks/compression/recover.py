@@ -7,136 +7,39 @@ weights, so the saved folder is a plain model with no ``lora_`` modules and no p
 When the base weights carry unstructured sparsity (an earlier ``prune`` zeroed them), the merged
 delta is dense and would silently undo the pruning; the zero pattern is therefore re-applied after
 merging and the loss is reported both before and after re-masking.
-
-This module also owns the encoding of (prompt, answer) rows into training batches; ``distill`` uses
-the same encoding so both steps train on exactly what generation sees.
 """
 
 from __future__ import annotations
 
-import random
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.compression.base import StepContext, StepOutcome
+from tasks.compression.training import (
+    EVAL_ROWS,
+    causal_lm_loss,
+    collate,
+    encode_pairs,
+    endless_batches,
+    eval_loss,
+    load_model,
+    pad_id_of,
+    save_model,
+)
 from tasks.errors import StageFailed
 from tasks.log import get_logger
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from flows.spec import RecoverStep
 
 log = get_logger(__name__)
 
-#: Rows of the fixed batch the losses before/after are measured on (the first rows of the data).
-EVAL_ROWS = 32
 #: A weight matrix with at least this share of exact zeros is treated as pruned (re-masked after merge).
 SPARSE_SHARE = 0.01
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of one training row and how many leading tokens get no loss."""
-
-    ids: tuple[int, ...]
-    #: Tokens at the start that are context only (the prompt); all of them for unlabeled text.
-    context_len: int
-
-
-def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-    """``prompt`` (with the tokenizer's usual special tokens) + `` answer\\n`` + EOS.
-
-    The prompt is tokenized on its own, exactly as generation sees it, so the first answer token
-    is learned at the position it is predicted from at serving time (same layout as the demo model's
-    post-training)."""
-    if not pairs:
-        return []
-    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
-    answers = tokenizer([f" {a}\n" for _, a in pairs], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return [
-        Encoded(tuple(p + a + eos), len(p)) for p, a in zip(prompts, answers, strict=True) if len(p + a) > 1
-    ]
-
-
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[Encoded]:
-    """Unlabeled text (calibration prompts): every token is a target, nothing is context."""
-    if not texts:
-        return []
-    return [Encoded(tuple(ids), 0) for ids in tokenizer(list(texts))["input_ids"] if len(ids) > 1]
-
-
-def collate(rows: Sequence[Encoded], pad_id: int, max_len: int = 512) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``/``attention_mask``; ``labels`` are -100 on padding and context."""
-    import torch
-
-    width = min(max_len, max(len(r.ids) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        seq = torch.tensor(row.ids[:width], dtype=torch.long)
-        ids[i, : len(seq)] = seq
-        mask[i, : len(seq)] = 1
-        labels[i, row.context_len : len(seq)] = seq[row.context_len :]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def endless_batches(
-    rows: Sequence[Encoded], batch_size: int, pad_id: int, seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled epochs, ``batch_size`` rows at a time (the last rows of an epoch roll over)."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            order += rng.sample(range(len(rows)), len(rows))
-        chosen, order = order[:batch_size], order[batch_size:]
-        yield collate([rows[i] for i in chosen], pad_id)
-
-
-def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (HF shifts the labels itself)."""
-    return model(**batch).loss
-
-
-def eval_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    import torch
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        value = float(causal_lm_loss(model, batch))
-    model.train(was_training)
-    return value
-
-
-def load_model(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A float model folder and its tokenizer (the input of every training step)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer
-
-
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def _sparsity_masks(model: torch.nn.Module, target_modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
