@@ -138,6 +138,10 @@ class QuantizeStep(StrictModel):
             raise ValueError("backend: torchao int4 (CUDA) is group-wise; set granularity: group")
         if self.backend in ("quanto", "bitsandbytes") and self.mode != "weight_only":
             raise ValueError(f"backend: {self.backend} supports mode weight_only here; use backend torch")
+        if self.backend == "quanto" and self.bits == 4:
+            # Measured: optimum-quanto 0.2.7 qint4 models raise "Cannot set version_counter for
+            # inference tensor" under torch.inference_mode, which the runtime serves with.
+            raise ValueError("backend: quanto int4 cannot be served by the runtime; use backend torch")
         return self
 
 
@@ -507,11 +511,31 @@ class BatchingSpec(StrictModel):
     max_latency_ms: int = Field(50, ge=1, le=60_000, description="Longest wait to fill a batch.")
 
 
+class CapacitySpec(StrictModel):
+    """KV-cache budget and backpressure of the service (bentos/kv_budget.py)."""
+
+    kv_cache_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        le=10_000_000,
+        description="KV-cache memory budget in MB (10^6 bytes). Each request reserves (prompt + "
+        "max_new_tokens) x layers x kv_heads x head_dim x 2 x dtype bytes of it before it runs; unset = "
+        "90 % of free GPU memory after loading (50 % of available RAM on CPU).",
+    )
+    max_queue: int = Field(
+        64,
+        ge=0,
+        le=100_000,
+        description="Requests that may wait for KV-cache room; more get 503 with Retry-After (backpressure).",
+    )
+
+
 class LimitsSpec(StrictModel):
     max_prompt_chars: int = Field(4000, ge=1, le=1_000_000, description="Longer prompts get 422.")
     max_new_tokens: int = Field(128, ge=1, le=32_768, description="Larger requests get 422.")
     timeout_s: int = Field(60, ge=1, le=3600, description="Request timeout.")
     concurrency: int = Field(16, ge=1, le=10_000, description="Requests in flight per worker.")
+    max_batch_items: int = Field(64, ge=1, le=4096, description="Most requests in one POST /generate_batch.")
 
 
 class PricingSpec(StrictModel):
@@ -525,6 +549,9 @@ class PackageSpec(StrictModel):
     service_name: str = Field("lockgate-llm", pattern=_NAME, description="Bento name.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Declared resources.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Batching limits.")
+    capacity: CapacitySpec = Field(
+        default_factory=CapacitySpec, description="KV-cache budget and queue (backpressure)."
+    )
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Input limits.")
     warmup_requests: int = Field(2, ge=0, le=100, description="Generations run before /readyz is ready.")
     pricing: PricingSpec = Field(default_factory=PricingSpec, description="Cost accounting per customer.")

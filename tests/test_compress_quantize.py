@@ -212,7 +212,7 @@ def test_sensitivity_writes_the_ignore_list_that_quantize_auto_keeps(
     assert not any(any(p.strip("*") in n or n == p for p in expected) for n in _quant_layers(model))
 
 
-@pytest.mark.parametrize(("backend", "bits"), [("torchao", 8), ("quanto", 8), ("quanto", 4)])
+@pytest.mark.parametrize(("backend", "bits"), [("torchao", 8), ("quanto", 8)])
 def test_torchao_and_quanto_backends_still_load_through_the_runtime(
     tiny_llm_dir: Path, tmp_path: Path, backend: str, bits: int
 ) -> None:
@@ -265,6 +265,7 @@ def test_qat_lowers_fake_quant_loss_and_yields_a_quantized_model(tiny_llm_dir: P
         (QuantizeStep, {"backend": "torchao", "scheme": "asymmetric"}, "backend: torchao supports"),
         (QuantizeStep, {"backend": "torchao", "bits": 4}, "set granularity: group"),
         (QuantizeStep, {"backend": "quanto", "mode": "dynamic"}, "backend: quanto supports mode weight_only"),
+        (QuantizeStep, {"backend": "quanto", "bits": 4}, "backend: quanto int4 cannot be served"),
         (QuantizeStep, {"granularity": "group", "group_size": 4}, "group_size"),
         (QuantizeStep, {"bits": 4, "group_size": 33}, "group_size: 4-bit codes"),
         (QuantizeStep, {"calibration_samples": 0}, "calibration_samples"),

@@ -7,7 +7,7 @@ Backends:
   INT8 symmetric per-channel dynamic runs fbgemm's int8 kernel; the rest dequantizes per call.
 * ``torchao`` (and ``auto`` on CUDA where torchao has the scheme): INT8 weight-only per row, or
   INT4 group-wise (CUDA only), saved with ``save_pretrained``.
-* ``quanto``: optimum-quanto qint8 / qint4 weights (``QuantizedModelForCausalLM``).
+* ``quanto``: optimum-quanto qint8 weights (``QuantizedModelForCausalLM``).
 * ``bitsandbytes``: LLM.int8() / NF4 through transformers (CUDA only).
 
 Every layer's measured max weight error is reported next to its rounding bound (half a grid step;
@@ -239,13 +239,12 @@ def _quantize_torchao(current: Path, out: Path, step: QuantizeStep, device: str,
 
 
 def _quantize_quanto(current: Path, out: Path, step: QuantizeStep, kept: list[str]) -> None:
-    from optimum.quanto import QuantizedModelForCausalLM, qint4, qint8
+    from optimum.quanto import QuantizedModelForCausalLM, qint8
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(current)
-    # quanto's own schemes: qint8 per output channel symmetric; qint4 group-wise (128) with offsets.
-    weights = qint4 if step.bits == 4 else qint8
-    QuantizedModelForCausalLM.quantize(model, weights=weights, exclude=kept or None).save_pretrained(out)
+    # quanto's qint8: per output channel, symmetric (the spec refuses qint4: see QuantizeStep).
+    QuantizedModelForCausalLM.quantize(model, weights=qint8, exclude=kept or None).save_pretrained(out)
 
 
 def _quantize_bitsandbytes(
