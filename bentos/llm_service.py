@@ -14,10 +14,18 @@ Configured only through environment variables, read at import (the same module s
 * ``LOCKGATE_FEATURE_FLAGS_FILE`` feature flags, re-read on change (bentos/feature_flags.py says what
   ``stop_at_newline`` and ``max_new_tokens_cap`` do); unset = no flags
 
-Endpoints: ``POST /generate`` (JSON), ``POST /generate_stream`` (text chunks), plus BentoML's
-``/readyz`` (200 only once the model is loaded and warmed up), ``/livez`` and ``/metrics``.
-Every request to the two endpoints — answered, refused or failed — gets one request-log row, one
-``llm_requests_total`` increment and one JSON log line, written by :class:`RequestAccounting`.
+Endpoints: ``POST /generate`` (JSON; ``prompt`` or chat ``messages``), ``POST /generate_batch`` (a list
+of /generate bodies, answered in order, per-item errors), ``POST /generate_stream`` (text chunks),
+``/generate_ws`` (WebSocket, token messages; bentos/websocket.py), ``GET /capacity`` (KV-cache plan and
+queue), plus BentoML's ``/readyz`` (200 only once the model is loaded and warmed up), ``/livez`` and
+``/metrics``. Every request — answered, refused or failed — gets one request-log row, one
+``llm_requests_total`` increment and one JSON log line, written by :class:`Accounting` (a batch: one
+per item).
+
+Before a request runs it reserves ``prompt + max_new_tokens`` tokens of the KV-cache budget
+(bentos/kv_budget.py); it waits while the cache is full, and gets 503 with Retry-After when
+``max_queue`` requests already wait. Responses carry their server time per phase (``timings`` in the
+body, ``Server-Timing`` header) for ``lockgate profile``.
 """
 
 from __future__ import annotations
@@ -42,9 +50,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, StreamingResponse
 
 from bentos.auth import KeyStore
+from bentos.chat import ChatMessage, ChatTemplateError, render_chat
 from bentos.feature_flags import FeatureFlags, apply_service_flags
+from bentos.kv_budget import KVAdmission, KVBudget, QueueFull, free_memory_bytes, model_kv_shape, plan_budget
 from bentos.model_resolver import calibration_temperature, resolve_model_dir
 from bentos.request_log import RequestLog, RequestRow, Status, hash_user
+from bentos.websocket import build_app as build_websocket_app
 
 if TYPE_CHECKING:
     # Imported lazily at runtime: torch + transformers take seconds to import, and `bentoml build`
@@ -54,8 +65,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lockgate.service")
 request_logger = logging.getLogger("lockgate.requests")
 
-ENDPOINTS = ("generate", "generate_stream")
-Endpoint = Literal["generate", "generate_stream"]
+ENDPOINTS = ("generate", "generate_stream", "generate_batch")
+Endpoint = Literal["generate", "generate_stream", "generate_batch", "generate_ws"]
 WARMUP_PROMPT = "Warm-up: the quick brown fox jumps over the lazy dog."
 
 
@@ -89,6 +100,16 @@ class ServiceConfig(BaseModel):
     price_per_1k_completion_tokens: float = Field(
         0.0, ge=0, description="USD, for llm_api_cost_dollars_total."
     )
+    kv_cache_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        description="KV-cache memory budget in MB (10^6 bytes); None = derived from free memory at load "
+        "(bentos/kv_budget.py). Requests reserve prompt + max_new_tokens of it before they run.",
+    )
+    max_queue: int = Field(
+        64, ge=0, description="Requests that may wait for KV-cache room; beyond it: 503 with Retry-After."
+    )
+    max_batch_items: int = Field(64, ge=1, le=4096, description="Most requests in one POST /generate_batch.")
 
 
 @dataclass(frozen=True)
@@ -152,7 +173,7 @@ SETTINGS = ServiceSettings.from_env()
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One validated-by-type request, as both endpoints receive it."""
+    """One validated-by-type request, as every endpoint receives it (chat messages already rendered)."""
 
     prompt: str
     max_new_tokens: int
@@ -161,6 +182,66 @@ class GenerateRequest:
     seed: int | None
     stop: tuple[str, ...]
     user_id: str | None
+    prompt_field: str = "prompt"  # "messages" for a chat request: the field a prompt limit names
+    prompt_tokens: int | None = None  # counted at admission; the batcher sizes padded batches with it
+
+
+class GenerateInput(BaseModel):
+    """The body of one generation request: ``prompt`` or chat ``messages`` (exactly one), plus sampling.
+
+    /generate's own signature mirrors it (BentoML builds its schema from the signature); the batch items
+    and WebSocket messages are validated with it, so all endpoints accept the same fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, description="Text to continue. Give this or messages.")
+    messages: list[ChatMessage] | None = Field(
+        None, description="Chat turns, rendered with the model's chat template (else 'role: content' lines)."
+    )
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    user_id: str | None = None
+
+
+@dataclass
+class PhaseTimings:
+    """Where a request's server time went (exercise 9.8), in seconds.
+
+    ``auth`` key check; ``tokenize`` chat rendering + counting prompt tokens for the KV reservation;
+    ``queue`` waiting for KV-cache room and for a batch (or the model) to start; ``prefill`` start of
+    generation to the first new token (the runtime's own encoding of the batch included); ``decode``
+    the remaining tokens; ``postprocess`` detokenising, stop strings and building the response;
+    ``total`` arrival to response. The client adds ``network`` = its own time - ``total``.
+    """
+
+    auth: float = 0.0
+    tokenize: float = 0.0
+    queue: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    postprocess: float = 0.0
+    total: float = 0.0
+    generate_started: float | None = field(default=None, repr=False)  # perf_counter at the model call
+
+    def record_generation(self, gen: Generation) -> None:
+        """Split the model call into prefill and decode; the rest of the time until now is post-processing."""
+        self.prefill = gen.first_token_s or 0.0
+        self.decode = max(0.0, gen.latency_s - self.prefill)
+        if self.generate_started is not None:
+            self.postprocess = max(0.0, time.perf_counter() - self.generate_started - gen.latency_s)
+
+    def as_ms(self) -> dict[str, float]:
+        return {name: round(getattr(self, name) * 1000.0, 3) for name in PHASES}
+
+    def server_timing(self) -> str:
+        """The ``Server-Timing`` header value (W3C), durations in ms."""
+        return ", ".join(f"{name};dur={ms}" for name, ms in self.as_ms().items())
+
+
+PHASES = ("auth", "tokenize", "queue", "prefill", "decode", "postprocess", "total")
 
 
 class GenerateResponse(BaseModel):
@@ -179,6 +260,9 @@ class GenerateResponse(BaseModel):
     confidence: float | None = Field(
         None, description="Calibrated probability of the first generated token (feedback → ECE)."
     )
+    timings: dict[str, float] | None = Field(
+        None, description="Server time per phase in ms (auth, tokenize, queue, prefill, decode, ...)."
+    )
 
 
 @dataclass(frozen=True)
@@ -196,10 +280,10 @@ MAX_SEED = 2**63 - 1
 def check_limits(req: GenerateRequest, config: ServiceConfig) -> Problem | None:
     """The first limit ``req`` breaks, or None. Types were already checked by BentoML (400)."""
     if not req.prompt:
-        return Problem("prompt", "must not be empty")
+        return Problem(req.prompt_field, "must not be empty")
     if len(req.prompt) > config.max_prompt_chars:
         return Problem(
-            "prompt", f"must be at most {config.max_prompt_chars} characters, got {len(req.prompt)}"
+            req.prompt_field, f"must be at most {config.max_prompt_chars} characters, got {len(req.prompt)}"
         )
     if req.max_new_tokens < 1:
         return Problem("max_new_tokens", "must be >= 1")
@@ -241,7 +325,16 @@ class RequestRecord:
     customer: str | None = None  # from the API key; None when the service runs without keys
     first_token_s: float | None = None
     confidence: float | None = None
+    timings: PhaseTimings = field(default_factory=PhaseTimings)
+    # The HTTP request of a batch: its items are accounted one by one, so it writes no row of its own.
+    itemised: bool = False
+    # Run once when the request ends however it ends (KV-cache reservations): see RequestAccounting.
+    cleanups: list[Callable[[], None]] = field(default_factory=list, repr=False)
     written: bool = field(default=False, repr=False)
+
+    def clean_up(self) -> None:
+        while self.cleanups:
+            self.cleanups.pop()()
 
     def describe(self, req: GenerateRequest, log_text: bool) -> None:
         self.claimed = True
@@ -323,6 +416,24 @@ class ServiceMetrics:
             ["type"],
             multiprocess_mode="max",
         )
+        self.kv_capacity = Gauge(
+            "llm_kv_cache_capacity_tokens",
+            "Tokens of context the KV-cache budget holds (budget / bytes per token).",
+            multiprocess_mode="max",
+        )
+        self.kv_bytes_per_token = Gauge(
+            "llm_kv_cache_bytes_per_token",
+            "layers x kv_heads x head_dim x 2 x dtype bytes of the served model.",
+            multiprocess_mode="max",
+        )
+        self.kv_used = Gauge(
+            "llm_kv_cache_reserved_tokens", "Tokens reserved by running requests.", multiprocess_mode="max"
+        )
+        self.queue_depth = Gauge(
+            "llm_queue_depth",
+            "Requests admitted but not yet generating: waiting for KV-cache room or for a batch.",
+            multiprocess_mode="max",
+        )
 
     def sample_resources(self) -> None:
         """Refresh the memory and GPU gauges (called per request: cheap, and /metrics stays current)."""
@@ -361,6 +472,9 @@ class Accounting:
         if record.written:
             return
         record.written = True
+        record.clean_up()
+        if record.itemised:
+            return
         s = self.settings
         status: Status = record.status or "error"
         version = record.model_version or self.serving_version or s.model_version
@@ -440,7 +554,7 @@ _CURRENT_RECORD: contextvars.ContextVar[RequestRecord | None] = contextvars.Cont
 
 
 class RequestAccounting:
-    """ASGI middleware around the two endpoints: gives each request an id and accounts for it.
+    """ASGI middleware around the HTTP generation endpoints: gives each request an id and accounts for it.
 
     It also sees requests BentoML refuses before our handler runs (malformed JSON, missing or
     wrong-typed fields: 400 with pydantic's ``detail``); for those it adds ``field`` to the body, so
@@ -486,7 +600,9 @@ class RequestAccounting:
             await self.app(scope, receive, send)
             return
         record = RequestRecord(uuid.uuid4().hex, endpoint, time.perf_counter())  # type: ignore[arg-type]
-        if await self._refuse_unauthorised(record, scope, receive, send):
+        refused = await self._refuse_unauthorised(record, scope, receive, send)
+        record.timings.auth = time.perf_counter() - record.started
+        if refused:
             return
         # A context variable, not a `ctx: bentoml.Context` parameter: with ctx, BentoML overwrites the
         # status code of a returned Response with ctx.response.status_code (200), losing our 422s.
@@ -523,6 +639,7 @@ class RequestAccounting:
             await self.app(scope, receive, send_wrapper)
         finally:
             _CURRENT_RECORD.reset(token)
+            record.clean_up()  # a stream whose body never ran still gives its KV reservation back
             if not record.written:
                 if record.status in (None, "ok"):
                     record.fail("response not completed (client disconnected, timeout or stream error)")
@@ -570,6 +687,7 @@ class _BatchKey:
 class _Pending:
     request: GenerateRequest
     future: asyncio.Future[Generation]
+    timings: PhaseTimings | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -605,12 +723,14 @@ class MicroBatcher:
         max_latency_s: float,
         on_batch: Callable[[int], None],
         on_wait: Callable[[float], None] = lambda _seconds: None,
+        kv_capacity: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._model = model
         self._max_batch_size = max_batch_size
         self._max_latency_s = max_latency_s
         self._on_batch = on_batch
         self._on_wait = on_wait
+        self._kv_capacity = kv_capacity  # tokens; None = no budget (batches are not split for it)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._busy = False  # a batch was taken off the queue and is not finished yet
@@ -642,12 +762,18 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def submit(self, req: GenerateRequest) -> Generation:
-        """Queue ``req`` and wait for its generation (exceptions of the model are re-raised here)."""
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch to start."""
+        return self._queue.qsize()
+
+    async def submit(self, req: GenerateRequest, timings: PhaseTimings | None = None) -> Generation:
+        """Queue ``req`` and wait for its generation (exceptions of the model are re-raised here).
+        ``timings.queue`` gets the wait for the batch, ``timings.generate_started`` its start."""
         if not self.alive:
             raise RuntimeError("micro-batcher is not running")
         future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(req, future))
+        self._queue.put_nowait(_Pending(req, future, timings))
         return await future
 
     async def _run(self) -> None:
@@ -656,7 +782,8 @@ class MicroBatcher:
             self._busy = True
             try:
                 for group in _group(batch):
-                    await self._run_group(group)
+                    for chunk in fit_padded_kv(group, self._kv_capacity()):
+                        await self._run_group(chunk)
             finally:
                 self._busy = False
 
@@ -684,6 +811,9 @@ class MicroBatcher:
         started = time.perf_counter()
         for p in live:
             self._on_wait(started - p.enqueued)
+            if p.timings is not None:
+                p.timings.queue += started - p.enqueued
+                p.timings.generate_started = started
         first = live[0].request
         model = self._model  # captured: a hot swap during this batch affects only later batches
         try:
@@ -704,6 +834,32 @@ class MicroBatcher:
         for p, result in zip(live, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)
+
+
+def fit_padded_kv(group: list[_Pending], capacity_tokens: int | None) -> list[list[_Pending]]:
+    """Split a group so that no ``generate`` call's padded KV cache exceeds the capacity.
+
+    Left padding makes every row as long as the longest prompt, and a row that stopped early keeps its
+    cache until the whole call ends, so one call holds rows x (longest prompt + largest budget) tokens,
+    which can exceed what its requests reserved one by one. Only one model call runs at a time (the
+    runtime's forward lock), so each call alone must fit. Requests are taken shortest prompt first,
+    so similar lengths share a call and padding stays small."""
+    if capacity_tokens is None or any(p.request.prompt_tokens is None for p in group):
+        return [group]
+    chunks: list[list[_Pending]] = []
+    current: list[_Pending] = []
+    for pending in sorted(group, key=lambda p: p.request.prompt_tokens or 0):
+        trial = [*current, pending]
+        if current and _padded_tokens(trial) > capacity_tokens:
+            chunks.append(current)
+            trial = [pending]
+        current = trial
+    return [*chunks, current] if current else chunks
+
+
+def _padded_tokens(rows: list[_Pending]) -> int:
+    longest = max(p.request.prompt_tokens or 0 for p in rows)
+    return len(rows) * (longest + max(p.request.max_new_tokens for p in rows))
 
 
 def _group(batch: list[_Pending]) -> list[list[_Pending]]:
@@ -793,6 +949,8 @@ class LLMService:
         self.load_error: BaseException | None = None
         self._ready = False
         self._background: list[asyncio.Task[None]] = []
+        self.kv_budget: KVBudget | None = None  # set when a model is loaded (its shape decides it)
+        self.admission: KVAdmission | None = None
 
     @property
     def model(self) -> LoadedModel | None:
@@ -884,6 +1042,7 @@ class LLMService:
                 cfg.max_latency_ms / 1000.0,
                 metrics.batch_size.observe,
                 metrics.queue_wait.observe,
+                kv_capacity=lambda: self.kv_budget.capacity_tokens if self.kv_budget else None,
             )
             batcher.start()
         else:
@@ -891,8 +1050,59 @@ class LLMService:
             batcher.swap_model(model)
         self.served = Served(model, batcher, version)
         self.accounting.serving_version = version
+        self._plan_kv_cache(model)
         if old is not None:
             logger.info("hot swap: now serving v%s (was v%s)", version, old.version)
+
+    def _plan_kv_cache(self, model: LoadedModel) -> None:
+        """Size the KV-cache budget for ``model`` (after its weights are loaded, so free memory is what
+        is really left). On a hot swap, reservations of requests still running stay counted."""
+        cfg = self.settings.config
+        shape = model_kv_shape(model.model)
+        budget = plan_budget(
+            shape,
+            cfg.kv_cache_budget_mb,
+            free_memory_bytes(model.device),
+            # Characters bound tokens from above for byte-level BPE tokenizers (a token is >= 1 char).
+            cfg.max_prompt_chars + cfg.max_new_tokens,
+        )
+        if self.admission is None:
+            self.admission = KVAdmission(budget.capacity_tokens, cfg.max_queue, on_change=self._note_load)
+        else:
+            self.admission.resize(budget.capacity_tokens)
+        self.kv_budget = budget
+        metrics = self.accounting.metrics
+        metrics.kv_capacity.set(budget.capacity_tokens)
+        metrics.kv_bytes_per_token.set(shape.bytes_per_token)
+        logger.info(
+            "KV cache: %d bytes/token (%d layers x %d kv heads x %d head dim x 2 x %d bytes); budget %.1f MB "
+            "(%s) = %d tokens = %d requests of %d tokens; max_queue %d",
+            shape.bytes_per_token, shape.layers, shape.kv_heads, shape.head_dim, shape.dtype_bytes,
+            budget.budget_bytes / 1e6, budget.source, budget.capacity_tokens, budget.full_context_requests,
+            budget.max_context_tokens, cfg.max_queue,
+        )  # fmt: skip
+
+    def _note_load(self) -> None:
+        """Refresh the queue and KV gauges (called by the admission on every change)."""
+        metrics = self.accounting.metrics
+        waiting = self.admission.waiting if self.admission else 0
+        batching = self.served.batcher.queued if self.served else 0
+        metrics.queue_depth.set(waiting + batching)
+        metrics.kv_used.set(self.admission.in_use if self.admission else 0)
+
+    def capacity(self) -> dict[str, Any]:
+        """The KV-cache plan and current load (GET /capacity)."""
+        plan = self.kv_budget.as_dict() if self.kv_budget else {}
+        admission = self.admission
+        return {
+            "ready": self._ready,
+            "model_version": self.served.version if self.served else None,
+            **plan,
+            "reserved_tokens": admission.in_use if admission else 0,
+            "running": admission.running if admission else 0,
+            "waiting": admission.waiting if admission else 0,
+            "max_queue": self.settings.config.max_queue,
+        }
 
     async def _follow_registry(self) -> None:
         """Re-resolve the floating URI every poll; load and swap in a new version when it changes."""
@@ -922,7 +1132,8 @@ class LLMService:
     @bentoml.api
     async def generate(
         self,
-        prompt: str,
+        prompt: str | None = None,
+        messages: list[ChatMessage] | None = None,
         max_new_tokens: int = 16,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -930,38 +1141,66 @@ class LLMService:
         stop: list[str] | None = None,
         user_id: str | None = None,
     ) -> GenerateResponse:
-        """Continue ``prompt``; concurrent calls are micro-batched. 422 names the field over a limit."""
+        """Continue ``prompt`` (or answer chat ``messages``); concurrent calls are micro-batched.
+
+        400 names a missing/conflicting field, 422 the field over a limit (KV-cache capacity included),
+        503 with Retry-After when the queue for KV-cache room is full. The body's ``timings`` and the
+        ``Server-Timing`` header give the time per phase (``lockgate profile`` reads them)."""
         record = _current_record("generate")
-        req = GenerateRequest(prompt, max_new_tokens, temperature, top_p, seed, tuple(stop or ()), user_id)
-        refused = self._admit(record, req)
-        if refused is not None:
-            return refused  # type: ignore[return-value]  # BentoML passes Responses through as is
-        req, flag_headers = _apply_flags(req)
-        served = self.served
-        assert served is not None
-        record.model_version = served.version
+        body = GenerateInput.model_construct(
+            prompt=prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, stop=stop, user_id=user_id,
+        )  # fmt: skip
+        prepared = self._prepare(record, body)
+        if isinstance(prepared, Refusal):
+            return prepared.response(record)  # type: ignore[return-value]  # BentoML passes Responses through
+        outcome = await self._run_unary(record, prepared)
+        if isinstance(outcome, Refusal):
+            return outcome.response(record)  # type: ignore[return-value]
+        headers = {**prepared.headers, "Server-Timing": record.timings.server_timing()}
+        return JSONResponse(outcome, headers=headers)  # type: ignore[return-value]
+
+    @bentoml.api
+    async def generate_batch(self, requests: list[Any]) -> dict[str, Any]:
+        """Run a list of /generate bodies through the same batcher; answers in order.
+
+        Each item is validated on its own: a bad item gets its own error (``status_code`` 400/422/503/500
+        and ``field`` as ``requests.<i>.<field>``) and the others still run. Items are accounted one by
+        one (request-log rows ``<batch request_id>-<i>``, metrics, cost)."""
+        outer = _current_record("generate_batch")
+        outer.claimed = True
+        limit = self.settings.config.max_batch_items
+        if not requests or len(requests) > limit:
+            outer.reject(Problem("requests", f"must hold 1 to {limit} requests, got {len(requests)}"))
+            return _json_error(outer, 422, outer.error or "", field="requests")  # type: ignore[return-value]
+        outer.itemised = True
+        results = await asyncio.gather(*(self._batch_item(outer, i, item) for i, item in enumerate(requests)))
+        outer.status = "ok"
+        return JSONResponse({"request_id": outer.request_id, "results": results})  # type: ignore[return-value]
+
+    async def _batch_item(self, outer: RequestRecord, index: int, raw: Any) -> dict[str, Any]:
+        record = RequestRecord(f"{outer.request_id}-{index}", "generate_batch", outer.started)
+        record.customer = outer.customer
+        record.timings.auth = outer.timings.auth
+        prefix = f"requests.{index}"
         try:
-            gen = await served.batcher.submit(req)
-        except Exception as exc:
-            return _server_error(record, exc)  # type: ignore[return-value]
-        record.succeed(gen, self.settings.log_text)
-        body = GenerateResponse(
-            text=gen.text,
-            prompt_tokens=gen.prompt_tokens,
-            output_tokens=gen.output_tokens,
-            latency_ms=round(record.latency_ms(), 3),
-            time_to_first_token_ms=None if gen.first_token_s is None else round(gen.first_token_s * 1000, 3),
-            model_version=served.version,
-            request_id=record.request_id,
-            finish_reason=gen.finish_reason,
-            confidence=None if gen.confidence is None else round(gen.confidence, 6),
-        )
-        return JSONResponse(body.model_dump(), headers=flag_headers)  # type: ignore[return-value]
+            body = _validate_input(raw, prefix)
+            prepared = body if isinstance(body, Refusal) else self._prepare(record, body, prefix)
+            outcome = prepared if isinstance(prepared, Refusal) else await self._run_unary(record, prepared)
+            if isinstance(outcome, Refusal):
+                outcome.account(record)
+                record.http_status = outcome.status
+                return {"index": index, "status_code": outcome.status, **outcome.body(record)}
+            record.http_status = 200
+            return {"index": index, "status_code": 200, **outcome}
+        finally:
+            self.accounting.finish(record)
 
     @bentoml.api
     async def generate_stream(
         self,
-        prompt: str,
+        prompt: str | None = None,
+        messages: list[ChatMessage] | None = None,
         max_new_tokens: int = 16,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -977,17 +1216,17 @@ class LLMService:
         ending the stream cleanly the way BentoML's own streaming does (io_models.py swallows it).
         """
         record = _current_record("generate_stream")
-        req = GenerateRequest(prompt, max_new_tokens, temperature, top_p, seed, tuple(stop or ()), user_id)
-        refused = self._admit(record, req)
-        if refused is not None:
-            return refused  # type: ignore[return-value]
-        req, flag_headers = _apply_flags(req)
-        served = self.served
-        assert served is not None
-        record.model_version = served.version
-        stream = served.model.stream(
-            req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.seed, list(req.stop)
-        )
+        body = GenerateInput.model_construct(
+            prompt=prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, stop=stop, user_id=user_id,
+        )  # fmt: skip
+        prepared = self._prepare(record, body)
+        if isinstance(prepared, Refusal):
+            return prepared.response(record)  # type: ignore[return-value]
+        started = await self.start_stream(record, prepared)
+        if isinstance(started, Refusal):
+            return started.response(record)  # type: ignore[return-value]
+        stream = started
         chunks = iter(stream)
         try:
             first = await asyncio.to_thread(next, chunks, None)
@@ -996,24 +1235,215 @@ class LLMService:
             if isinstance(exc, Exception):
                 return _server_error(record, exc)  # type: ignore[return-value]
             raise
-        body = _stream_body(stream, chunks, first, record, self.settings.log_text)
+        body_iter = _stream_body(stream, chunks, first, record, self.settings.log_text)
         media = "text/plain; charset=utf-8"
-        return StreamingResponse(body, media_type=media, headers=flag_headers)  # type: ignore[return-value]
+        return StreamingResponse(body_iter, media_type=media, headers=prepared.headers)  # type: ignore[return-value]
 
-    def _admit(self, record: RequestRecord, req: GenerateRequest) -> JSONResponse | None:
-        """None when the request may run; else the refusal (422 over a limit, 503 while not ready)."""
+    # -- shared by the endpoints ---------------------------------------------------------------------
+
+    def _prepare(self, record: RequestRecord, body: GenerateInput, prefix: str = "") -> Prepared | Refusal:
+        """Check one request up to the point where it may wait for the model: prompt xor messages
+        (400), limits and KV-cache fit (422), readiness (503). Counts its prompt tokens (tokenize)."""
+        record.claimed = True
+        started = time.perf_counter()
+        at = f"{prefix}." if prefix else ""
+        if (body.prompt is None) == (body.messages is None):
+            if body.prompt is None:
+                return Refusal(400, f"{at}prompt", "required: give prompt or chat messages")
+            return Refusal(400, f"{at}messages", "give either prompt or messages, not both")
+        served = self.served
+        if not self._ready or served is None:
+            failed = f"model failed to load: {self.load_error}"
+            reason = failed if self.load_error else "model is not ready yet"
+            # Described first so the row still has the prompt's length (as before chat existed).
+            if body.prompt is not None:
+                record.describe(_to_request(body, body.prompt, "prompt"), self.settings.log_text)
+            return Refusal(503, None, reason)
+        prompt, field_name = body.prompt, "prompt"
+        if body.messages is not None:
+            if not body.messages:
+                return Refusal(422, f"{at}messages", "must hold at least one message")
+            try:
+                prompt, field_name = render_chat(served.model.tokenizer, body.messages), "messages"
+            except ChatTemplateError as exc:
+                return Refusal(422, f"{at}messages", str(exc))
+        req = _to_request(body, prompt or "", field_name)
         record.describe(req, self.settings.log_text)
         problem = check_limits(req, self.settings.config)
         if problem is not None:
-            record.reject(problem)
-            return _json_error(record, 422, record.error or "", field=problem.field)
-        if not self._ready:
-            reason = (
-                f"model failed to load: {self.load_error}" if self.load_error else "model is not ready yet"
+            return Refusal(422, f"{at}{problem.field}", problem.message)
+        req, headers = _apply_flags(req)
+        prompt_tokens = served.model.count_tokens(req.prompt)
+        record.timings.tokenize = time.perf_counter() - started
+        fit = self._kv_fit(req, prompt_tokens)
+        if fit is not None:
+            return Refusal(422, f"{at}{fit.field}", fit.message)
+        return Prepared(
+            replace(req, prompt_tokens=prompt_tokens), headers, prompt_tokens + req.max_new_tokens
+        )
+
+    def _kv_fit(self, req: GenerateRequest, prompt_tokens: int) -> Problem | None:
+        """A request must fit the KV-cache capacity and the model's context on its own, or it could
+        never run (queueing it would block everyone behind it)."""
+        budget = self.kv_budget
+        if budget is None:
+            return None
+        limit = min(budget.capacity_tokens, budget.max_context_tokens)
+        if prompt_tokens >= limit:
+            return Problem(
+                req.prompt_field,
+                f"is {prompt_tokens} tokens; at most {limit - 1} fit (KV-cache capacity / model context)",
             )
-            record.fail(reason)
-            return _json_error(record, 503, reason)
+        if prompt_tokens + req.max_new_tokens > limit:
+            return Problem(
+                "max_new_tokens",
+                f"must be <= {limit - prompt_tokens} for this {prompt_tokens}-token prompt: prompt + new "
+                f"tokens must fit {limit} tokens (KV-cache capacity / model context)",
+            )
         return None
+
+    async def _reserve(self, record: RequestRecord, tokens: int) -> Refusal | None:
+        """Wait for KV-cache room (FIFO); the reservation is given back when the request ends."""
+        admission = self.admission
+        if admission is None:
+            return None
+        waited = time.perf_counter()
+        try:
+            await admission.acquire(tokens)
+        except QueueFull as exc:
+            return Refusal(503, None, str(exc), retry_after_s=exc.retry_after_s, queue_full=True)
+        except ValueError as exc:  # a hot swap shrank the capacity below this request since _prepare
+            return Refusal(422, "max_new_tokens", str(exc))
+        finally:
+            record.timings.queue += time.perf_counter() - waited
+        held = time.perf_counter()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                admission.release(tokens, time.perf_counter() - held)
+
+        record.cleanups.append(release)
+        return None
+
+    async def _run_unary(self, record: RequestRecord, prepared: Prepared) -> dict[str, Any] | Refusal:
+        """Reserve, batch, generate; the response body as a dict, or why not."""
+        refused = await self._reserve(record, prepared.reserve_tokens)
+        if refused is not None:
+            return refused
+        try:
+            served = self.served  # after the wait: a hot swap meanwhile serves this on the new version
+            assert served is not None
+            record.model_version = served.version
+            try:
+                gen = await served.batcher.submit(prepared.request, record.timings)
+            except Exception as exc:
+                logger.error("request %s failed", record.request_id, exc_info=exc)
+                return Refusal(500, None, f"generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            record.clean_up()  # the cache room is free once generation is done
+        record.succeed(gen, self.settings.log_text)
+        record.timings.record_generation(gen)
+        record.timings.total = time.perf_counter() - record.started
+        return GenerateResponse(
+            text=gen.text,
+            prompt_tokens=gen.prompt_tokens,
+            output_tokens=gen.output_tokens,
+            latency_ms=round(record.latency_ms(), 3),
+            time_to_first_token_ms=None if gen.first_token_s is None else round(gen.first_token_s * 1000, 3),
+            model_version=served.version,
+            request_id=record.request_id,
+            finish_reason=gen.finish_reason,
+            confidence=None if gen.confidence is None else round(gen.confidence, 6),
+            timings=record.timings.as_ms(),
+        ).model_dump()
+
+    async def start_stream(self, record: RequestRecord, prepared: Prepared) -> TextStream | Refusal:
+        """Reserve KV-cache room and start streaming (for /generate_stream and the WebSocket)."""
+        refused = await self._reserve(record, prepared.reserve_tokens)
+        if refused is not None:
+            return refused
+        served = self.served
+        assert served is not None
+        record.model_version = served.version
+        req = prepared.request
+        stream = served.model.stream(
+            req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.seed, list(req.stop)
+        )
+        record.cleanups.append(stream.cancel)  # cleanups run last-in first: cancel, then release room
+        return stream
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request that passed every check and may now wait for the model."""
+
+    request: GenerateRequest
+    headers: dict[str, str]  # feature flags applied
+    reserve_tokens: int  # prompt + max_new_tokens: its worst-case KV-cache use
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request gets no generation: 400/422 naming ``field``, 503 (not ready, or queue full with
+    Retry-After), 500 (generation failed). One shape for the HTTP endpoints, batch items and WebSocket."""
+
+    status: int
+    field: str | None
+    message: str
+    retry_after_s: float | None = None
+    queue_full: bool = False
+
+    @property
+    def text(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+    def account(self, record: RequestRecord) -> None:
+        """Client faults and backpressure are refusals; not ready and failures count as errors."""
+        if self.status < 500 or self.queue_full:
+            record.status, record.error, record.error_field = "rejected", self.text, self.field
+        else:
+            record.fail(self.text)
+
+    def body(self, record: RequestRecord) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.text, "request_id": record.request_id}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.retry_after_s is not None:
+            body["retry_after_s"] = self.retry_after_s
+        return body
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+    def response(self, record: RequestRecord) -> JSONResponse:
+        self.account(record)
+        return JSONResponse(self.body(record), status_code=self.status, headers=self.headers())
+
+
+def _to_request(body: GenerateInput, prompt: str, prompt_field: str) -> GenerateRequest:
+    stop = tuple(body.stop or ())
+    return GenerateRequest(
+        prompt, body.max_new_tokens, body.temperature, body.top_p, body.seed, stop, body.user_id, prompt_field
+    )
+
+
+def _validate_input(raw: Any, field_path: str) -> GenerateInput | Refusal:
+    """Validate one request body that arrived as plain JSON (batch item, WebSocket message): 400 naming
+    the first bad field as ``<field_path>.<field>``."""
+    if not isinstance(raw, dict):
+        return Refusal(400, field_path or "body", f"must be a JSON object, got {type(raw).__name__}")
+    try:
+        return GenerateInput.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(part) for part in first.get("loc", ()))
+        name = ".".join(part for part in (field_path, loc) if part) or "body"
+        return Refusal(400, name, str(first.get("msg", "invalid")))
 
 
 async def _stream_body(
@@ -1059,11 +1489,14 @@ def _server_error(record: RequestRecord, exc: Exception) -> JSONResponse:
 
 
 LLMService.add_asgi_middleware(RequestAccounting, accounting=ACCOUNTING, keys=KEYS)
+# /generate_ws and /capacity: a Starlette app BentoML routes to when none of its own routes match.
+LLMService.mount_asgi_app(build_websocket_app(), path="/")
 
 __all__ = [
     "ACCOUNTING",
     "SETTINGS",
     "Accounting",
+    "GenerateInput",
     "GenerateRequest",
     "GenerateResponse",
     "LLMService",

@@ -132,11 +132,13 @@ class _TokenQueue(BaseStreamer):
     def __init__(self) -> None:
         self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._prompt_seen = False
+        self.produced = 0  # decode steps the model ran: shows whether a cancel really stopped it
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # the first put is the prompt itself
             self._prompt_seen = True
             return
+        self.produced += 1
         self.items.put(("tokens", [int(t) for t in value.reshape(-1).tolist()]))
 
     def end(self) -> None:
@@ -195,13 +197,11 @@ class LoadedModel:
             prompt_len = int(inputs["input_ids"].shape[1])
             timer = _FirstTokenTimer(started)
             criteria = StoppingCriteriaList([_PerRowBudget(prompt_len, torch.tensor(budgets))])
+            config = self._generation_config(params, max(budgets))
+            # Raw first-step logits give the calibrated confidence (one extra tensor per step).
+            config.output_logits, config.return_dict_in_generate = True, True
             out = self.model.generate(
-                **inputs,
-                generation_config=self._generation_config(params, max(budgets)),
-                stopping_criteria=criteria,
-                streamer=timer,
-                output_logits=True,
-                return_dict_in_generate=True,
+                **inputs, generation_config=config, stopping_criteria=criteria, streamer=timer
             )
             latency = time.perf_counter() - started
             confidence = self._first_token_confidence(out.logits[0], out.sequences[:, prompt_len])
@@ -375,6 +375,16 @@ class TextStream:
     def cancel(self) -> None:
         """Ask generation to stop after its current step; returns at once (safe from any thread)."""
         self._cancel.set()
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens the model has generated so far (read after ``close()`` for the final count): less
+        than the budget after a cancel means generation really stopped early."""
+        return self._tokens.produced
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._prompt_tokens
 
     def close(self) -> None:
         """Stop generation (if still running) and wait for the thread, which frees the model lock."""

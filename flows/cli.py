@@ -508,6 +508,46 @@ def serve(
     raise typer.Exit(subprocess.call(command, env=env, cwd=Path(__file__).resolve().parent.parent))
 
 
+@app.command()
+def profile(
+    pipeline: Annotated[str | None, typer.Argument(help="Pipeline name (labels the output).")] = None,
+    file: SpecFile = Path("pipelines.yaml"),
+    url: Annotated[
+        str | None, typer.Option(help="The service; default: what `lockgate serve` starts on port 3000.")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", "--requests", min=1, max=100_000, help="Requests to send.")] = 50,
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Requests in flight at once.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens each request asks for.")] = 16,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LOCKGATE_API_KEY", help="Bearer key when the service has keys.")
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Send N requests and print the per-phase latency breakdown at p50/p99 (exercise 9.8): network,
+    auth, tokenization, queue wait, prefill, decode, post-processing, from the Server-Timing header."""
+    from bentos.profiling import format_table
+    from bentos.profiling import profile as run_profile
+
+    label = _pipeline_name(file, pipeline) if pipeline is not None or file.is_file() else "-"
+    if url is None:
+        from tasks.settings import get_settings
+
+        url = f"http://{get_settings().host}:3000"
+    result = run_profile(url, n, concurrency=concurrency, max_new_tokens=max_new_tokens, api_key=api_key)
+    if as_json:
+        payload = {"pipeline": label, "url": url, "requests": n, "concurrency": concurrency}
+        typer.echo(json.dumps({**payload, "phases": result.summary(), "failures": result.failures}))
+    else:
+        typer.echo(
+            f"{label} @ {url}: {n} requests, concurrency {concurrency}, max_new_tokens {max_new_tokens}"
+        )
+        typer.echo(format_table(result))
+        for failure in result.failures[:5]:
+            typer.echo(f"failed: {failure}", err=True)
+    if result.failures:
+        raise typer.Exit(1)
+
+
 keys_app = typer.Typer(help="API keys of the LLM service (only hashes are stored).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

@@ -1,0 +1,201 @@
+"""WebSocket streaming (the chapter's section 9.2.3) and the capacity view, as an ASGI app the LLM
+service mounts (``bentoml.asgi_app``; BentoML 1.4 routes what its own endpoints do not match to it).
+
+Protocol of ``/generate_ws``, one generation per connection:
+
+1. the client sends one JSON text message, the same fields as ``POST /generate`` (``prompt`` or
+   ``messages``, ``max_new_tokens``, ...); with API keys on, the handshake carries
+   ``Authorization: Bearer <key>``;
+2. the server answers ``{"type": "start", "request_id", "model_version"}`` once the request is admitted,
+   then ``{"type": "token", "text": "..."}`` per decoded chunk (about one per token);
+3. then ``{"type": "done", "request_id", "prompt_tokens", "output_tokens", "finish_reason",
+   "model_version", "timings"}`` and closes with code 1000.
+
+A refused request gets ``{"type": "error", "status": 400|401|422|429|503|500, "field", "error",
+"request_id"}`` and close code 1008 (policy violation), or 1013 (try again later) for 503.
+When the client goes away, generation is cancelled after the model's current step: the request log row
+says ``client disconnected`` with the number of tokens the model actually produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+if TYPE_CHECKING:
+    from bentos.runtime import TextStream
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TRY_LATER = 1013
+
+
+def _service() -> Any:
+    import bentoml
+
+    return bentoml.get_current_service()
+
+
+async def capacity(request: Request) -> JSONResponse:
+    """GET /capacity: the KV-cache plan (bytes per token, budget, capacity) and the current queue."""
+    return JSONResponse(_service().capacity())
+
+
+async def generate_ws(websocket: WebSocket) -> None:
+    """Stream one generation token by token; see the module docstring for the protocol."""
+    from bentos import llm_service as svc
+
+    service = _service()
+    record = svc.RequestRecord(uuid.uuid4().hex, "generate_ws", time.perf_counter())
+    record.claimed = True
+    await websocket.accept()
+    try:
+        refusal = _authorise(record, websocket, svc.KEYS)
+        prepared: Any = None
+        if refusal is None:
+            prepared = await _read_request(record, websocket, service)
+            refusal = prepared if isinstance(prepared, svc.Refusal) else None
+        stream: Any = refusal
+        if refusal is None:
+            stream = await service.start_stream(record, prepared)
+        if isinstance(stream, svc.Refusal):
+            stream.account(record)
+            record.http_status = stream.status
+            await _send_error(websocket, stream, record)
+            return
+        await _pump(websocket, stream, record, service.settings.log_text)
+    finally:
+        record.clean_up()
+        service.accounting.finish(record)
+
+
+def _authorise(record: Any, websocket: WebSocket, keys: Any) -> Any:
+    """401/429 as a Refusal when API keys are on (the HTTP middleware does not see WebSockets)."""
+    from bentos.llm_service import Refusal
+
+    if keys is None:
+        return None
+    started = time.perf_counter()
+    admission = keys.admit(websocket.headers.get("authorization"))
+    record.customer = admission.customer
+    record.timings.auth = time.perf_counter() - started
+    if admission.status == 200:
+        return None
+    return Refusal(admission.status, "authorization", admission.error or "refused", admission.retry_after_s)
+
+
+async def _read_request(record: Any, websocket: WebSocket, service: Any) -> Any:
+    """The first message, validated like a /generate body; a Prepared request or a Refusal."""
+    from bentos.llm_service import Refusal, _validate_input
+
+    try:
+        text = await websocket.receive_text()
+    except WebSocketDisconnect:
+        return Refusal(400, "body", "client disconnected before sending a request")
+    record.started = time.perf_counter()  # server time starts with the request, not the handshake
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        return Refusal(400, "body", f"invalid JSON: {exc}")
+    body = _validate_input(raw, "")
+    if isinstance(body, Refusal):
+        return body
+    return service._prepare(record, body)
+
+
+async def _send_error(websocket: WebSocket, refusal: Any, record: Any) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        await websocket.send_json({"type": "error", "status": refusal.status, **refusal.body(record)})
+        code = CLOSE_TRY_LATER if refusal.status == 503 else CLOSE_POLICY
+        # A close reason may hold at most 123 bytes (RFC 6455 5.5: 125-byte control frame payload).
+        await websocket.close(code=code, reason=refusal.text.encode()[:120].decode("utf-8", "ignore"))
+
+
+async def _pump(websocket: WebSocket, stream: TextStream, record: Any, log_text: bool) -> None:
+    """Send chunks as they come; a watcher cancels generation as soon as the client disconnects
+    (also while the model is between tokens, when no send would notice)."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+        gone.set()
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch(), name="lockgate-ws-watch")
+    chunks = iter(stream)
+    sent = 0
+    try:
+        start = {"type": "start", "request_id": record.request_id, "model_version": record.model_version}
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await websocket.send_json(start)
+        while not gone.is_set():
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None or gone.is_set():
+                break
+            try:
+                await websocket.send_json({"type": "token", "text": chunk})
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                gone.set()  # the send itself found the client gone
+                break
+            sent += 1
+    except Exception as exc:
+        record.fail(f"{type(exc).__name__}: {exc}")
+        await _close_quietly(websocket, CLOSE_POLICY, "generation failed")
+        return
+    finally:
+        stream.cancel()
+        await asyncio.to_thread(stream.close)  # joins the thread: the token count below is final
+        record.output_tokens = stream.tokens_generated
+        record.prompt_tokens = stream.prompt_tokens
+    if gone.is_set() or stream.generation is None:
+        record.fail(f"client disconnected after {sent} chunks; generation stopped at {record.output_tokens}")
+        watcher.cancel()
+        return
+    gen = stream.generation
+    record.succeed(gen, log_text)
+    record.timings.prefill = gen.first_token_s or 0.0
+    record.timings.decode = max(0.0, gen.latency_s - record.timings.prefill)
+    record.timings.total = time.perf_counter() - record.started
+    done = {
+        "type": "done",
+        "request_id": record.request_id,
+        "prompt_tokens": gen.prompt_tokens,
+        "output_tokens": gen.output_tokens,
+        "finish_reason": gen.finish_reason,
+        "model_version": record.model_version,
+        "timings": record.timings.as_ms(),
+    }
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_json(done)
+        await _close_quietly(websocket, CLOSE_NORMAL, "done")
+    watcher.cancel()
+
+
+async def _close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
+    if websocket.application_state != WebSocketState.DISCONNECTED:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await websocket.close(code=code, reason=reason)
+
+
+def build_app() -> Starlette:
+    """The ASGI app the service mounts at ``/``: ``/generate_ws`` and ``/capacity``."""
+    return Starlette(
+        routes=[
+            WebSocketRoute("/generate_ws", generate_ws),
+            Route("/capacity", capacity, methods=["GET"]),
+        ]
+    )
