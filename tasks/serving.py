@@ -27,6 +27,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def process_descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children before grandchildren (from /proc; Linux only)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited while we looked
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_service_tree(leader: int) -> list[int]:
+    """SIGKILL a ``bentoml serve`` and everything it started; returns the pids killed.
+
+    Its worker runs in a session of its own (circus calls setsid): killing the leader's process
+    group alone leaves the worker serving. So the workers are found first, then the leader dies
+    first (nothing respawns them), then each worker."""
+    tree = process_descendants(leader)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader, signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return [leader, *tree]
+
+
 @dataclass
 class ServiceProcess:
     """A running ``bentoml serve``; ``stop()`` ends its whole process group."""
@@ -47,7 +78,8 @@ class ServiceProcess:
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            # A hung graceful stop: the SIGKILL must reach the worker too (its own session).
+            kill_service_tree(self.process.pid)
             self.process.wait(5)
 
     def __enter__(self) -> ServiceProcess:

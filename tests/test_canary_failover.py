@@ -8,10 +8,7 @@ candidate whose process is gone stops the canary and is rolled back through the 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
 import threading
 import time
@@ -28,6 +25,7 @@ from flows.spec import CanarySpec
 from tasks import registry, release_lock
 from tasks.canary import canary_task, run_steps
 from tasks.replay import FailoverRouter
+from tasks.serving import kill_service_tree
 
 
 class _Answer(BaseHTTPRequestHandler):
@@ -90,34 +88,6 @@ def _launch(role: str, uri: str, tmp: Path) -> dict:
     }
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), children first found first."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # exited while we looked
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _kill_9(leader: int) -> list[int]:
-    """SIGKILL a `bentoml serve` and everything it started. Its worker runs in a session of its own
-    (circus calls setsid): killing the leader's process group alone leaves the worker serving, so
-    the workers are found first, then the leader dies first (no respawn), then each worker."""
-    tree = _descendants(leader)
-    os.killpg(leader, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return [leader, *tree]
-
-
 def _kill_candidate_mid_step(model: str, step_phase: str, stop: threading.Event, killed: list[int]) -> None:
     """Watch the release lock (the canary records its services and phase there) and SIGKILL the
     candidate's processes a moment into ``step_phase``, while requests are in flight."""
@@ -125,7 +95,7 @@ def _kill_candidate_mid_step(model: str, step_phase: str, stop: threading.Event,
         held = release_lock.current(model)
         if held is not None and held.phase.startswith(step_phase) and len(held.services) == 2:
             time.sleep(1.0)  # into the step: some canary requests of this step were answered
-            killed += _kill_9(held.services[1])  # launched second: [stable, canary]
+            killed += kill_service_tree(held.services[1])  # launched second: [stable, canary]
             return
         time.sleep(0.1)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import sqlite3
 import threading
 import time
@@ -16,37 +14,10 @@ from pathlib import Path
 import httpx
 
 from bentos.request_log import RequestLog
-from tasks.serving import launch_service, wait_ready
+from tasks.serving import kill_service_tree, launch_service, wait_ready
 
 CLIENTS = 4
 KILL_AFTER_ANSWERS = 30
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc; Linux only)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # exited while we looked
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _kill_9(leader: int) -> list[int]:
-    """SIGKILL ``bentoml serve`` and its workers: the worker runs in a session of its own (circus calls
-    setsid), so killing the leader's process group alone would leave it serving (and writing)."""
-    tree = _descendants(leader)
-    os.killpg(leader, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return [leader, *tree]
 
 
 def _client(url: str, index: int, answered: list[str], stop: threading.Event) -> None:
@@ -63,7 +34,7 @@ def _client(url: str, index: int, answered: list[str], stop: threading.Event) ->
             i += 1
 
 
-def test_answered_requests_survive_kill_9(tiny_llm_dir: Path, tmp_path: Path) -> None:
+def test_answered_requests_survivekill_service_tree(tiny_llm_dir: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "requests.db"
     config = {"max_new_tokens": 16, "warmup_requests": 1, "max_latency_ms": 5}
     service = launch_service(
@@ -88,7 +59,7 @@ def test_answered_requests_survive_kill_9(tiny_llm_dir: Path, tmp_path: Path) ->
         deadline = time.monotonic() + 120
         while len(answered) < KILL_AFTER_ANSWERS and time.monotonic() < deadline:
             time.sleep(0.05)
-        killed = _kill_9(service.process.pid)  # mid-traffic: requests are in flight right now
+        killed = kill_service_tree(service.process.pid)  # mid-traffic: requests are in flight right now
         stop.set()
         for thread in clients:
             thread.join(35)
