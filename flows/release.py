@@ -111,6 +111,7 @@ def release_flow(spec_path: str, pipeline: str | None = None) -> ReleaseSummary:
         with release_lock.hold(model, release_lock.owner_label(trigger)) as (lock, replaced):
             summary.recovered, interrupted = recover_or_resume(model, replaced, trigger, spec.canary)
             if interrupted is not None:  # a killed release's canary, resumed after its last completed step
+                summary.bento_tag = interrupted.bento_tag
                 summary.canary = resume_canary(interrupted, spec.canary, run_id, trigger, lock)
                 summary.outcome = release_outcome(summary.canary, spec.canary)
             else:

@@ -1,9 +1,12 @@
 """The Prefect task runner of the release flow, chosen by settings (``LOCKGATE_TASK_RUNNER``).
 
-* ``threads`` (default): Prefect's ``ThreadPoolTaskRunner`` — candidates compress in threads of the
-  flow's own process. Torch releases the GIL in its kernels, so on one machine this is already
-  parallel, with nothing to serialise.
-* ``dask``: ``prefect_dask.DaskTaskRunner`` — each submitted task runs on a Dask worker. With
+* ``threads`` (default): Prefect's ``ThreadPoolTaskRunner`` with **one** worker thread — candidates
+  compress one after another in the flow's own process. Not more: transformers' ``from_pretrained``
+  patches module construction process-wide (meta-device initialisation), so two candidates loading
+  models in two threads at once crashed here ("Tensor on device cpu is not on the expected device
+  meta"); and torch already uses every core inside one candidate's kernels.
+* ``dask``: ``prefect_dask.DaskTaskRunner`` — each submitted task runs on a Dask worker process,
+  so candidates compress in parallel safely. With
   ``LOCKGATE_DASK_ADDRESS`` it joins a running cluster (workers on other machines need the same
   LOCKGATE_/MLFLOW_ environment and a shared file system for the lockgate home: candidate folders are
   passed between tasks by path); without it, each flow run starts a local cluster of
@@ -30,7 +33,7 @@ def release_task_runner(settings: Settings | None = None) -> TaskRunner:
     if s.task_runner == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner()
+        return ThreadPoolTaskRunner(max_workers=1)  # see the module docstring: loading is not thread-safe
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:

@@ -66,19 +66,27 @@ def test_default_pipeline_end_to_end_then_cli_rollback(tracking: str) -> None:
         "accuracy",
         "latency_p95_ms",
         "size_bytes",
-        "size_bytes.max_ratio",
+        "latency_p50_ms.min_speedup",
         "canary ",
         "monitor ",
     ):
         assert needle in out
 
-    # Registry: the first release put the baseline in Production; the INT8 candidate replaced it.
-    assert _stages("lockgate-demo") == {"1": "Archived", "2": "Production"}
-    production = registry.describe_version(registry.ModelVersionRef("lockgate-demo", "2"))
+    # Registry: the first release put the baseline (v1) in Production; the three candidates became
+    # v2-v4; the chosen one replaced the baseline, the others stay registered (rejected or unused).
+    stages = _stages("lockgate-demo")
+    assert stages["1"] == "Archived" and list(stages.values()).count("Production") == 1
+    winner = next(v for v, stage in stages.items() if stage == "Production")
+    production = registry.describe_version(registry.ModelVersionRef("lockgate-demo", winner))
     assert production.aliases == (registry.PRODUCTION_ALIAS,)
     assert production.tags[registry.TAG_DECISION] == "promoted"
-    assert float(production.tags["lockgate.eval.size_bytes"]) < 0.6 * float(
-        production.tags["lockgate.baseline.size_bytes"]
+    chosen = production.tags[registry.TAG_CANDIDATE]
+    assert chosen in {"int8", "pruned", "student"}
+    assert production.tags["lockgate.gates"] == "passed"
+    # Registered with its recipe, and faster than the parent as the gate demands.
+    assert production.tags["lockgate.recipe"] in {"quantize", "prune -> recover", "distill"}
+    assert float(production.tags["lockgate.eval.latency_p50_ms"]) < float(
+        production.tags["lockgate.baseline.latency_p50_ms"]
     )
 
     # MLflow: one parent run with nested stage runs, the Prefect flow-run id, and the reports.
@@ -94,38 +102,46 @@ def test_default_pipeline_end_to_end_then_cli_rollback(tracking: str) -> None:
     assert {
         "validate-data",
         "prepare-parent",
-        "compress-int8",
-        "evaluate-int8",
+        *(f"{stage}-{c}" for stage in ("compress", "evaluate") for c in ("int8", "pruned", "student")),
         "register",
         "package",
         "canary",
         "monitor",
     } <= children
     report_dir = Path(os.environ["LOCKGATE_REPORTS_DIR"]) / "demo" / parent.info.run_id
+    # The choice is explained: a table with every candidate and a Pareto plot.
+    table = (report_dir / "candidates.md").read_text()
+    assert all(f"| {c} |" in table for c in ("int8", "pruned", "student")) and "**chosen**" in table
+    assert (report_dir / "candidates-pareto.png").stat().st_size > 10_000
     verdict = json.loads((report_dir / "verdict.json").read_text())
     assert verdict["verdict"] in {"drift", "no_drift"}
-    assert (report_dir / "drift.html").stat().st_size > 10_000
+    assert (report_dir / "drift-prompts.html").stat().st_size > 10_000
 
     # `lockgate status` and `lockgate rollback` work on what the run left.
     status = json.loads(_cli("status", "lockgate-demo", "--json").stdout)
-    assert [v["stage"] for v in status["lockgate-demo"]] == ["Production", "Archived"]
+    assert {v["version"]: v["stage"] for v in status["lockgate-demo"]}[winner] == "Production"
     rolled = _cli("rollback", "lockgate-demo", "--reason", "test rollback", "--json")
     assert rolled.returncode == 0, rolled.stderr
-    assert json.loads(rolled.stdout) == {"model": "lockgate-demo", "production": "1", "archived": "2"}
-    assert _stages("lockgate-demo") == {"1": "Production", "2": "Archived"}
+    assert json.loads(rolled.stdout) == {"model": "lockgate-demo", "production": "1", "archived": winner}
+    assert _stages("lockgate-demo")["1"] == "Production"
+    assert _stages("lockgate-demo")[winner] == "Archived"
     assert registry.describe_version(registry.ModelVersionRef("lockgate-demo", "1")).aliases == (
         "production",
     )
     history = _cli("history", "lockgate-demo")
     assert history.returncode == 0, history.stderr
-    assert [line.split()[1:5] for line in history.stdout.splitlines()] == [
+    moves = [line.split()[1:5] for line in history.stdout.splitlines()]
+    w = f"v{winner}"
+    expected = [
         ["v1", "None", "->", "Production"],
-        ["v2", "None", "->", "Staging"],
-        ["v2", "Staging", "->", "Production"],
+        [w, "None", "->", "Staging"],
+        [w, "Staging", "->", "Production"],
         ["v1", "Production", "->", "Archived"],
         ["v1", "Archived", "->", "Production"],
-        ["v2", "Production", "->", "Archived"],
+        [w, "Production", "->", "Archived"],
     ]
+    # Other candidates' transitions (rejected: None -> Archived) are history too, in between.
+    assert [m for m in moves if m[0] in ("v1", w)] == expected
 
 
 def test_candidate_failing_a_gate_is_never_staged(
