@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,12 +29,13 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Lockgate's own int kernels (backend torch) and quanto. With the thread runner, candidates load models
+# concurrently in one process, and transformers 5 patches torch process-wide while it builds a model
+# (transformers/initialization.py, e.g. torch.linspace): concurrent loads failed here ("Cannot copy out
+# of meta tensor", torchao "automatic conversion" errors). Dask's worker processes do not share that
+# state, so the bench also times threads with one worker (sequential) as the working thread baseline.
 CANDIDATES = [
-    {
-        "name": "int8-torchao",
-        "steps": [{"quantize": {"bits": 8, "backend": "torchao", "ignore": ["lm_head"]}}],
-    },
-    {"name": "int8-quanto", "steps": [{"quantize": {"bits": 8, "backend": "quanto", "ignore": ["lm_head"]}}]},
+    {"name": "int8-torch", "steps": [{"quantize": {"bits": 8, "backend": "torch", "ignore": ["lm_head"]}}]},
     {
         "name": "int8-torch-asym",
         "steps": [{"quantize": {"bits": 8, "scheme": "asymmetric", "backend": "torch"}}],
@@ -42,6 +44,7 @@ CANDIDATES = [
         "name": "int4-torch-g32",
         "steps": [{"quantize": {"bits": 4, "granularity": "group", "backend": "torch"}}],
     },
+    {"name": "int8-quanto", "steps": [{"quantize": {"bits": 8, "backend": "quanto", "ignore": ["lm_head"]}}]},
 ]
 
 
@@ -74,6 +77,8 @@ def _base_env(home: Path) -> dict[str, str]:
     env["LOCKGATE_REPORTS_DIR"] = str(home / "reports")
     env["PREFECT_HOME"] = str(home / "prefect")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # The embedded run starts Prefect's temporary server; its 20 s default is short on a shared machine.
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     return env
 
 
@@ -140,7 +145,7 @@ def team_run(root: Path, env: dict[str, str]) -> dict:
 
 def compress_child(runner: str) -> None:
     """In a fresh process: one flow compresses the 4 candidates with the chosen runner; prints JSON."""
-    os.environ["LOCKGATE_TASK_RUNNER"] = runner
+    os.environ["LOCKGATE_TASK_RUNNER"] = "threads" if runner.startswith("threads") else runner
     from prefect import flow
 
     from flows.spec import CandidateSpec, ModelSpec
@@ -159,7 +164,13 @@ def compress_child(runner: str) -> None:
     context = StepContext(parent=parent, calibration_prompts=("Q: what is 1 plus 2?\nA:",), train_pairs=())
     out = settings.home / "bench-compress" / runner
 
-    @flow(name="bench-compress", task_runner=release_task_runner(settings))
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    task_runner = (
+        ThreadPoolTaskRunner(max_workers=1) if runner == "threads-1" else release_task_runner(settings)
+    )
+
+    @flow(name="bench-compress", task_runner=task_runner)
     def compress_all() -> list[float]:
         futures = [compress_task.submit(parent, c, out, context, None) for c in candidates]
         return [f.result().size_ratio for f in futures]
@@ -173,7 +184,7 @@ def compress_child(runner: str) -> None:
 def compress_compare(env: dict[str, str], repeats: int) -> list[dict]:
     rows = []
     for _ in range(repeats):
-        for runner in ("threads", "dask"):
+        for runner in ("threads", "threads-1", "dask"):
             child_env = {**env, "LOCKGATE_DASK_WORKERS": "2"}
             started = time.perf_counter()
             done = subprocess.run(
@@ -181,7 +192,11 @@ def compress_compare(env: dict[str, str], repeats: int) -> list[dict]:
                 capture_output=True, text=True, timeout=1800, check=False,
             )  # fmt: skip
             if done.returncode != 0:
-                raise SystemExit(f"compress child ({runner}) failed:\n{done.stderr[-5000:]}")
+                errors = [line for line in done.stderr.splitlines() if "Error:" in line]
+                row = {"runner": runner, "wall_s": None, "error": (errors or ["?"])[-1][:200]}
+                rows.append(row)
+                print(row, file=sys.stderr)
+                continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             row["process_s"] = time.perf_counter() - started
             rows.append(row)
@@ -196,7 +211,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "team-stack-cpu.md")
     parser.add_argument("--skip-pipeline", action="store_true", help="Only the compression comparison.")
     parser.add_argument("--repeats", type=int, default=2, help="Repeats of the compression comparison.")
-    parser.add_argument("--compress-child", choices=["threads", "dask"], help=argparse.SUPPRESS)
+    parser.add_argument("--compress-child", choices=["threads", "threads-1", "dask"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compress_child:
         compress_child(args.compress_child)
@@ -204,14 +219,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="lockgate-bench-stack-"))
     root.chmod(0o755)  # the postgres user must reach the cluster folder
     load_before = _uptime()
-    embedded = None if args.skip_pipeline else embedded_run(root)
     env, up_s = stack_up(root)
     try:
+        compress = compress_compare(env, args.repeats)  # first: the shorter part
         team = None if args.skip_pipeline else team_run(root, env)
-        compress = compress_compare(env, args.repeats)
     finally:
         _cli(env, "down")
+    print({"team": team, "up_s": up_s}, file=sys.stderr)
+    embedded = None if args.skip_pipeline else embedded_run(root)
     load_after = _uptime()
+    shutil.rmtree(root, ignore_errors=True)  # stopped cluster, artifacts, logs
     report = render(embedded, team, up_s, compress, load_before, load_after)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
@@ -246,19 +263,28 @@ def render(
             "",
         ]
     by_runner: dict[str, list[float]] = {}
+    failures: dict[str, list[str]] = {}
     for row in compress:
-        by_runner.setdefault(row["runner"], []).append(row["wall_s"])
+        if row["wall_s"] is None:
+            failures.setdefault(row["runner"], []).append(row["error"])
+        else:
+            by_runner.setdefault(row["runner"], []).append(row["wall_s"])
     lines += [
-        "## Candidate compression, 4 quantize candidates",
+        "## Candidate compression, 4 quantize candidates (" + ", ".join(c["name"] for c in CANDIDATES) + ")",
         "",
-        "| runner | flow wall s (each repeat) | best |",
-        "|---|---|---|",
+        "| runner | flow wall s (each repeat) | best | failed runs |",
+        "|---|---|---|---|",
     ]
-    for runner, walls in by_runner.items():
-        lines.append(f"| {runner} | {', '.join(f'{w:.1f}' for w in walls)} | {min(walls):.1f} |")
-    if {"threads", "dask"} <= set(by_runner):
-        speedup = min(by_runner["threads"]) / min(by_runner["dask"])
-        lines += ["", f"Speed-up of Dask (2 workers) over threads (best of each): **x{speedup:.2f}**.", ""]
+    for runner in dict.fromkeys(row["runner"] for row in compress):
+        walls = by_runner.get(runner, [])
+        best = f"{min(walls):.1f}" if walls else "-"
+        errors = "; ".join(f"`{e}`" for e in failures.get(runner, [])) or "0"
+        lines.append(f"| {runner} | {', '.join(f'{w:.1f}' for w in walls) or '-'} | {best} | {errors} |")
+    for baseline in ("threads", "threads-1"):
+        if by_runner.get(baseline) and by_runner.get("dask"):
+            speedup = min(by_runner[baseline]) / min(by_runner["dask"])
+            lines += ["", f"Dask (2 workers) vs {baseline} (best of each): **x{speedup:.2f}**."]
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -149,8 +149,12 @@ def test_candidate_failing_a_gate_is_never_staged(
 ) -> None:
     from flows.release import release_flow
 
-    # No INT8 model is 5 % of its parent's size: the size gate must fail.
-    spec_path, name = _spec_copy(tmp_path, evaluate__gates={"size_bytes": {"max_ratio": 0.05}})
+    # No INT8 model is 5 % of its parent's size: the size gate must fail. (One cheap candidate.)
+    spec_path, name = _spec_copy(
+        tmp_path,
+        compress__candidates=[{"name": "int8", "steps": [{"quantize": {"mode": "dynamic"}}]}],
+        evaluate__gates={"size_bytes": {"max_ratio": 0.05}},
+    )
     summary = release_flow(str(spec_path), "demo")
     assert summary.outcome == "rejected"
     assert summary.canary is None and summary.bento_tag is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,23 +88,28 @@ def stack() -> Iterator[Stack]:
         subprocess.run(
             [sys.executable, "-m", "flows.cli", "down"], cwd=REPO_ROOT, env=env, timeout=300, check=False
         )
+        shutil.rmtree(home, ignore_errors=True)  # the stopped cluster, artifacts and logs
 
 
 def _spec(stack: Stack, candidates: int = 2, reject: bool = False) -> tuple[Path, str]:
     """The repo's demo pipeline, trimmed for time (fewer rows, a two-step canary), with its own
     registered model; ``candidates`` INT8 recipes (torchao, quanto) so Dask has work for both workers.
 
-    The latency gate is wide: other jobs share the test machine's 2 cores, and INT8 is already up to 2x
-    slower there (pipelines.yaml). ``reject`` makes the size gate unpassable (no canary: a shorter run)."""
+    ``reject`` makes the size gate unpassable (no canary: a shorter run)."""
     text = yaml.safe_load((REPO_ROOT / "pipelines.yaml").read_text())
     pipeline = text["pipelines"]["demo"]
     name = f"team-{uuid.uuid4().hex[:8]}"
     pipeline["tracking"] = {"experiment": name, "registered_model": name}
     pipeline["data"]["eval"]["max_samples"] = 40
     pipeline["evaluate"].update({"max_samples": 40, "latency_prompts": 12})
-    pipeline["evaluate"]["gates"]["latency_p95_ms"] = {"max_increase_pct": 1000.0}
-    if reject:
-        pipeline["evaluate"]["gates"]["size_bytes"] = {"max_ratio": 0.05}
+    # Gates on quality and size only: latency is measured on a shared machine, and INT8 on this tiny
+    # model is slower than its parent on CPU (pipelines.yaml), which is not what these tests are about.
+    pipeline["compress"]["allow_slower_quantized"] = True
+    pipeline["evaluate"]["gates"] = {
+        "perplexity": {"max_increase_pct": 10.0},
+        "accuracy": {"max_drop_pct": 10.0},
+        "size_bytes": {"max_ratio": 0.05 if reject else 0.6},
+    }
     recipes = [
         {"name": "int8", "steps": [{"quantize": {"bits": 8, "backend": "torchao", "ignore": ["lm_head"]}}]},
         {"name": "int8q", "steps": [{"quantize": {"bits": 8, "backend": "quanto", "ignore": ["lm_head"]}}]},
