@@ -154,7 +154,7 @@ def _run_stages(
     parent = prepare_parent(spec.model, settings.cache_dir, run_id, settings.demo_train_steps)
     context = step_context(parent.folder, data)
     futures = [
-        compress_task.submit(parent.folder, c, work / "candidates", context, run_id)
+        compress_task.submit(parent.folder, c, settings.cache_dir / "candidates", context, run_id)
         for c in spec.compress.candidates
     ]
     compressed = [f.result() for f in futures]

@@ -7,6 +7,7 @@ Step kinds live in ``tasks.compression``, one module each.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -57,11 +58,59 @@ def run_step(kind: str, current: Path, out: Path, params: object, context: StepC
     return module.apply(current, out, params, context)
 
 
+#: Code whose changes must invalidate cached candidates (the steps and the checkpoint format).
+_CODE = (Path(__file__), *sorted(Path(__file__).with_name("compression").glob("*.py")))
+
+
+def candidate_key(parent: Path, candidate: CandidateSpec, context: StepContext) -> str:
+    """Content key of a candidate's result: the steps' code, the parent's files, the resolved recipe
+    and the data the steps see. Equal keys give equal models (every step is seeded)."""
+    from bentos import quantized
+
+    digest = hashlib.sha256()
+    for source in (*_CODE, Path(quantized.__file__)):
+        digest.update(source.read_bytes())
+    for path in sorted(p for p in Path(parent).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    recipe = [s.model_dump(mode="json") for s in candidate.steps]
+    data = [context.calibration_prompts, context.train_pairs, context.device, context.seed]
+    digest.update(json.dumps([recipe, data]).encode())
+    return digest.hexdigest()
+
+
+def cached_candidate(
+    parent: Path, candidate: CandidateSpec, target: Path, key: str
+) -> CompressedModel | None:
+    """The candidate a finished earlier run (or a crashed one) left at ``target``, if its key matches."""
+    report_path = target / "model" / "lockgate_compress.json"
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    if report.get("key") != key:
+        return None
+    return CompressedModel(
+        candidate=candidate.name,
+        folder=target / "model",
+        size_bytes=weights_size_bytes(target / "model"),
+        parent_size_bytes=weights_size_bytes(parent),
+        step_kinds=tuple(s.kind for s in candidate.steps),
+        metrics={k: float(v) for k, v in report.get("metrics", {}).items()},
+        recipe_json=json.dumps(report["recipe"]),
+    )
+
+
 def compress_candidate(
-    parent: Path, candidate: CandidateSpec, out_root: Path, context: StepContext
+    parent: Path,
+    candidate: CandidateSpec,
+    out_root: Path,
+    context: StepContext,
+    target: Path | None = None,
+    key: str | None = None,
 ) -> CompressedModel:
-    """Run the candidate's steps in order; each step reads the previous step's folder."""
-    target = out_root / candidate.name
+    """Run the candidate's steps in order; each step reads the previous step's folder. The result
+    lands at ``target`` (default ``out_root / candidate.name``) atomically, tagged with ``key``."""
+    target = target or out_root / candidate.name
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     current = parent
@@ -81,6 +130,8 @@ def compress_candidate(
         "candidate": candidate.name,
         "recipe": [s.model_dump(mode="json", exclude_none=True) for s in candidate.steps],
         "steps": reports,
+        "metrics": metrics,
+        "key": key,
     }
     (final / "lockgate_compress.json").write_text(json.dumps(report, indent=2))
     for leftover in staging.glob("step-*"):
@@ -120,7 +171,16 @@ def compress_task(
     import mlflow
 
     with stage_run(parent_run_id, f"compress-{candidate.name}", **{"lockgate.candidate": candidate.name}):
-        result = compress_candidate(parent, candidate, out_root, context)
+        # Content-addressed: a re-run (e.g. after a crashed worker) reuses a finished candidate.
+        key = candidate_key(parent, candidate, context)
+        target = out_root / f"{candidate.name}-{key[:16]}"
+        cached = cached_candidate(parent, candidate, target, key)
+        if cached is None:
+            result = compress_candidate(parent, candidate, out_root, context, target, key)
+        else:
+            log.info("candidate %s: reusing %s (same code, parent, recipe and data)", candidate.name, target)
+            result = cached
+        mlflow.set_tag("lockgate.cached", "true" if cached is not None else "false")
         mlflow.log_dict({"steps": [s.model_dump(mode="json") for s in candidate.steps]}, "recipe.json")
         mlflow.log_artifact(str(result.folder / "lockgate_compress.json"))
         mlflow.log_metrics(

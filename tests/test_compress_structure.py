@@ -318,3 +318,32 @@ def test_prune_then_recover_chain_through_compress_candidate(context: StepContex
     assert "1.recover.loss_after" in result.metrics
     assert _load(result.folder).config.num_attention_heads == 2
     _finite_logits(result.folder)
+
+
+def test_compress_task_reuses_a_finished_candidate_with_the_same_key(
+    context: StepContext, tmp_path: Path, prefect_harness: None
+) -> None:
+    """A re-run (e.g. after a crashed worker) resumes from the finished candidate instead of redoing it;
+    a changed recipe is a different key and is compressed afresh."""
+    from prefect import flow
+
+    from flows.spec import CandidateSpec
+    from tasks.compress import compress_task
+
+    spec = {"name": "pruned", "steps": [{"prune": {"structure": "mlp_neurons", "sparsity": 0.5}}]}
+    candidate = CandidateSpec.model_validate(spec)
+
+    @flow
+    def run(c: CandidateSpec) -> object:
+        return compress_task(context.parent, c, tmp_path, context, None)
+
+    first = run(candidate)
+    stamp = (first.folder / "model.safetensors").stat().st_mtime_ns
+    again = run(candidate)
+    assert again.folder == first.folder and again.metrics == first.metrics
+    assert (again.folder / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
+    changed = CandidateSpec.model_validate(
+        {**spec, "steps": [{"prune": {"structure": "mlp_neurons", "sparsity": 0.25}}]}
+    )
+    other = run(changed)
+    assert other.folder != first.folder and other.size_bytes > first.size_bytes
