@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
+from machine_info import cpu_model  # noqa: E402
 
 from bentos.runtime import LoadedModel, load_model, weights_size_bytes  # noqa: E402
 from flows.spec import QuantizeStep  # noqa: E402
@@ -213,14 +214,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"quantized engine {torch.backends.quantized.engine}, Python {platform.python_version()}"

@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from machine_info import cpu_model
 from river.drift import ADWIN as RiverADWIN
 
 from tasks.drift_detectors import ADWIN, MultiScaleDriftDetector, fast_path_available
@@ -57,14 +58,7 @@ class Delay:
 
 
 def machine_description() -> list[str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = {name: _version(name) for name in ("numpy", "numba", "river", "scipy")}
     return [
         f"nproc: {len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()})",

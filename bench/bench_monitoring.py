@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from machine_info import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -39,14 +40,7 @@ DEFAULT_OUT = REPO_ROOT / "reports" / "bench" / "monitoring-cpu.md"
 
 
 def machine_description() -> list[str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     packages = ", ".join(
         f"{p} {metadata.version(p)}"
         for p in ("evidently", "pandas", "numpy", "scipy", "torch", "transformers")
