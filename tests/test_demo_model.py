@@ -141,7 +141,7 @@ def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="split"):
         instruction_examples(3, 0, "test")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="role"):
-        demo_dataset("train")  # type: ignore[arg-type]
+        demo_dataset("test")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="train_steps"):
         ensure_demo_model(Path("unused"), train_steps=0)
 
@@ -242,3 +242,10 @@ def test_training_is_deterministic_and_silent(tmp_path: Path, capfd: pytest.Capt
     assert first.name == second.name
     assert digest(first) == digest(second)
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
+
+
+def test_train_role_is_labelled_and_disjoint_from_eval() -> None:
+    train, evals = demo_dataset("train"), demo_dataset("eval")
+    assert list(train.columns) == ["prompt", "answer"] and len(train) == 2000
+    assert all(str(sum(_operands(p))) == a for p, a in zip(train.prompt, train.answer, strict=True))
+    assert not {_operands(p) for p in train.prompt} & {_operands(p) for p in evals.prompt}
