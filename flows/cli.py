@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ from flows import stack
 from tasks.errors import LockgateError, SpecError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from tasks.canary import CanaryState
 
 app = typer.Typer(
@@ -31,6 +34,25 @@ stack.register(app)  # up, down, env, worker
 SpecFile = Annotated[Path, typer.Option("--file", "-f", help="The spec file.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
+
+
+def _cli_trigger() -> str:
+    """Who triggered a manual registry change (recorded on the versions and in the history)."""
+    return f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+@contextlib.contextmanager
+def _manual_change(model: str, action: str) -> Iterator[tuple[str, bool]]:
+    """Hold MODEL's release lock for a manual registry change; yields (trigger, replaced) where
+    ``replaced`` says a dead release's lock was taken over. A lockgate error exits with its message."""
+    from tasks import release_lock
+
+    trigger = _cli_trigger()
+    try:
+        with release_lock.hold(model, release_lock.owner_label(f"{trigger} {action}")) as (_, replaced):
+            yield trigger, replaced
+    except LockgateError as exc:
+        raise _fail(exc, False) from None
 
 
 def _fail(exc: LockgateError, verbose: bool) -> typer.Exit:
@@ -297,14 +319,10 @@ def rollback(
 
     Takes the model's release lock: refused while a release of MODEL is running."""
     _tracking()
-    from tasks import registry, release_lock
+    from tasks import registry
 
-    trigger = f"cli:{os.environ.get('USER', 'unknown')}"
-    try:
-        with release_lock.hold(model, release_lock.owner_label(f"{trigger} rollback")):
-            restored, demoted = registry.roll_back_production(model, reason, trigger=trigger, to_version=to)
-    except LockgateError as exc:
-        raise _fail(exc, False) from None
+    with _manual_change(model, "rollback") as (trigger, _):
+        restored, demoted = registry.roll_back_production(model, reason, trigger=trigger, to_version=to)
     if as_json:
         typer.echo(json.dumps({"model": model, "production": restored.version, "archived": demoted.version}))
     else:
@@ -322,23 +340,19 @@ def promote(
 
     Takes the model's release lock: refused while a release of MODEL is running."""
     _tracking()
-    from tasks import registry, release_lock
+    from tasks import registry
     from tasks.errors import RegistryError
 
-    trigger = f"cli:{os.environ.get('USER', 'unknown')}"
-    try:
-        with release_lock.hold(model, release_lock.owner_label(f"{trigger} promote")):
-            ref = (
-                registry.ModelVersionRef(model, version)
-                if version
-                else registry.version_in_stage(model, "Staging")
-            )
-            if ref is None:
-                raise RegistryError(f"{model} has no Staging version to promote; pass --version")
-            registry.describe_version(ref)  # an unknown version fails here, before any transition
-            old = registry.promote(ref, reason, trigger)
-    except LockgateError as exc:
-        raise _fail(exc, False) from None
+    with _manual_change(model, "promote") as (trigger, _):
+        ref = (
+            registry.ModelVersionRef(model, version)
+            if version
+            else registry.version_in_stage(model, "Staging")
+        )
+        if ref is None:
+            raise RegistryError(f"{model} has no Staging version to promote; pass --version")
+        registry.describe_version(ref)  # an unknown version fails here, before any transition
+        old = registry.promote(ref, reason, trigger)
     previous = old.version if old else None
     if as_json:
         typer.echo(json.dumps({"model": model, "production": ref.version, "archived": previous}))
@@ -451,15 +465,10 @@ def canary_recover(
     a candidate whose canary never decided. `lockgate run` does the same before it starts, except that
     it resumes such a canary instead where canary.on_interrupt is resume and the state allows it."""
     _tracking()
-    from tasks import release_lock
     from tasks.recovery import recover_interrupted
 
-    trigger = f"cli:{os.environ.get('USER', 'unknown')}"
-    try:
-        with release_lock.hold(model, release_lock.owner_label(f"{trigger} recover")) as (_, replaced):
-            actions = recover_interrupted(model, replaced, trigger)
-    except LockgateError as exc:
-        raise _fail(exc, False) from None
+    with _manual_change(model, "recover") as (trigger, replaced):
+        actions = recover_interrupted(model, replaced, trigger)
     if as_json:
         typer.echo(json.dumps({"model": model, "actions": actions}))
     else:
