@@ -39,6 +39,7 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 from machine_info import cpu_model  # noqa: E402
+from model_shapes import qwen2_05b_config  # noqa: E402
 
 from bentos.runtime import LoadedModel, load_model, weights_size_bytes  # noqa: E402
 from flows.spec import QuantizeStep  # noqa: E402
@@ -62,14 +63,6 @@ VARIANTS: dict[str, QuantizeStep | None] = {
     ),
 }
 UNTIMED = ("int4-g32-all-blocks",)
-QWEN_SHAPE = {
-    "hidden_size": 896,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "intermediate_size": 4864,
-    "tie_word_embeddings": True,
-}
 
 
 @dataclass
@@ -83,11 +76,9 @@ class Timing:
 
 
 def build_qwen_shape(folder: Path, vocab: int, tokenizer_from: Path, layers: int) -> Path:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=vocab, max_position_embeddings=4096, **{**QWEN_SHAPE, "num_hidden_layers": layers}
-    )
+    config = qwen2_05b_config(vocab, num_hidden_layers=layers)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(folder)
     # The quantize step saves a tokenizer next to the weights; the timings use random token ids.

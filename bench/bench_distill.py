@@ -46,19 +46,13 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from model_shapes import qwen2_05b_config  # noqa: E402
+
 from tasks.compression import distill, prune, recover  # noqa: E402
 from tasks.compression.base import StepContext  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "reports" / "bench" / "distill-cpu.md"
 DEMO_CACHE = REPO_ROOT / ".lockgate" / "demo-cache"
-QWEN2_05B = {
-    "hidden_size": 896,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "intermediate_size": 4864,
-    "tie_word_embeddings": True,
-}
 SPEEDUP_GOAL = 1.8
 #: How to read the tables; static text written under the verdict.
 READING = """## Reading the numbers
@@ -142,10 +136,10 @@ def variants(parent: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def qwen2_shaped(vocab: int) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=4096, **QWEN2_05B)
+    config = qwen2_05b_config(vocab)
     return Qwen2ForCausalLM(config)
 
 

@@ -23,23 +23,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
+from model_shapes import qwen2_05b_config
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 PROMPT = 128
 NEW = 128
 
 
 def build_model() -> torch.nn.Module:
-    config = Qwen2Config(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
+    config = qwen2_05b_config()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.to("cuda").eval()

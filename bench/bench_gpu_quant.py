@@ -23,23 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, TorchAoConfig
+from model_shapes import qwen2_05b_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 128
-
-
-def qwen2_half_billion_shape() -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=151_936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
 
 
 def variants() -> dict[str, Callable[[], TorchAoConfig | None]]:
@@ -150,7 +138,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "qwen2-0.5b-shape"
-        config = qwen2_half_billion_shape()
+        config = qwen2_05b_config()
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(args.demo_model)
         texts = read_texts(args.texts)
