@@ -89,13 +89,18 @@ def cached_candidate(
     report = json.loads(report_path.read_text())
     if report.get("key") != key:
         return None
+    return _compressed_model(parent, candidate, target / "model", report)
+
+
+def _compressed_model(parent: Path, candidate: CandidateSpec, folder: Path, report: dict) -> CompressedModel:
+    """The result as the candidate's folder and its ``lockgate_compress.json`` report describe it."""
     return CompressedModel(
         candidate=candidate.name,
-        folder=target / "model",
-        size_bytes=weights_size_bytes(target / "model"),
+        folder=folder,
+        size_bytes=weights_size_bytes(folder),
         parent_size_bytes=weights_size_bytes(parent),
         step_kinds=tuple(s.kind for s in candidate.steps),
-        metrics={k: float(v) for k, v in report.get("metrics", {}).items()},
+        metrics={k: float(v) for k, v in report["metrics"].items()},
         recipe_json=json.dumps(report["recipe"]),
     )
 
@@ -138,16 +143,7 @@ def compress_candidate(
         shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
-    folder = target / "model"
-    result = CompressedModel(
-        candidate=candidate.name,
-        folder=folder,
-        size_bytes=weights_size_bytes(folder),
-        parent_size_bytes=weights_size_bytes(parent),
-        step_kinds=tuple(s.kind for s in candidate.steps),
-        metrics=metrics,
-        recipe_json=json.dumps([s.model_dump(mode="json", exclude_none=True) for s in candidate.steps]),
-    )
+    result = _compressed_model(parent, candidate, target / "model", report)
     log.info(
         "candidate %s (%s): weights %.2f MB -> %.2f MB (x%.2f)",
         candidate.name,
