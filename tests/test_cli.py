@@ -7,20 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_cli
 
 from flows.spec_loader import SCHEMA_PATH
 
-
-def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+_cli = run_cli
 
 
 def test_validate_ok_and_json() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,23 +15,15 @@ import httpx
 import mlflow
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_cli
 
 from tasks import registry
 
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO_ROOT,
-        env=os.environ.copy(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return run_cli(*args, timeout=1800)  # a whole release runs in it
 
 
 def _spec_copy(tmp_path: Path, **changes: object) -> tuple[Path, str]:

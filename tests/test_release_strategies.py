@@ -28,7 +28,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO_ROOT, build_tiny_model
+from conftest import REPO_ROOT, build_tiny_model, run_cli
 
 from flows.spec import CanarySpec
 from tasks import registry, release_lock
@@ -258,16 +258,7 @@ def test_blue_green_switches_bakes_and_switches_back(
     ]
 
 
-def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO_ROOT,
-        env=os.environ.copy(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+_cli = run_cli
 
 
 def test_release_killed_mid_canary_is_recovered(tmp_path: Path, tiny_llm_dir: Path, tracking: str) -> None:

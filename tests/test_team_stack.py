@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +46,7 @@ class Stack:
 
 
 def _cli(stack_env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO_ROOT,
-        env=stack_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    done = run_cli(*args, timeout=timeout, env=stack_env)
     assert done.returncode == 0, f"lockgate {' '.join(args)}: {done.stdout[-2000:]}{done.stderr[-4000:]}"
     return done
 
