@@ -115,3 +115,31 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def tiny_release_spec(model_dir: Path, name: str, experiment: str, canary: dict) -> dict:
+    """A whole ``pipelines.yaml`` (pipeline ``tiny``) releasing ``model_dir`` as registered model
+    ``name`` with the given canary section: the cheapest release that runs every stage."""
+    return {
+        "version": 1,
+        "pipelines": {
+            "tiny": {
+                "model": {"source": str(model_dir)},
+                "data": {
+                    "eval": {"source": "demo", "max_samples": 10},
+                    "calibration": {"source": "demo", "max_samples": 4},
+                    "reference": {"source": "demo", "max_samples": 10},
+                },
+                # The default ignore list keeps the first and last blocks: a 2-block model would have
+                # nothing left to quantize. INT8 of it is not faster on 2 shared cores: release for size.
+                "compress": {
+                    "candidates": [{"name": "int8", "steps": [{"quantize": {"ignore": ["lm_head"]}}]}],
+                    "allow_slower_quantized": True,
+                },
+                "evaluate": {"max_samples": 10, "max_new_tokens": 3, "latency_prompts": 5, "warmup": 1},
+                "package": {"service_name": experiment, "warmup_requests": 1},
+                "canary": canary,
+                "tracking": {"experiment": experiment, "registered_model": name},
+            }
+        },
+    }

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_release_spec
 
 from flows.spec import CanarySpec
 from tasks import registry, release_lock
@@ -142,41 +142,20 @@ def test_resume_conditions_that_need_no_registry() -> None:
 
 # ------------------------------------------------------------------------- end to end (slow)
 def _pipeline(tiny_llm_dir: Path, name: str) -> dict:
-    return {
-        "version": 1,
-        "pipelines": {
-            "tiny": {
-                "model": {"source": str(tiny_llm_dir)},
-                "data": {
-                    "eval": {"source": "demo", "max_samples": 10},
-                    "calibration": {"source": "demo", "max_samples": 4},
-                    "reference": {"source": "demo", "max_samples": 10},
-                },
-                # The default ignore list keeps the first and last blocks: a 2-block model would have
-                # nothing left to quantize. INT8 of it is not faster on 2 shared cores: release for size.
-                "compress": {
-                    "candidates": [{"name": "int8", "steps": [{"quantize": {"ignore": ["lm_head"]}}]}],
-                    "allow_slower_quantized": True,
-                },
-                "evaluate": {"max_samples": 10, "max_new_tokens": 3, "latency_prompts": 5, "warmup": 1},
-                "package": {"service_name": "resume-test", "warmup_requests": 1},
-                "canary": {
-                    "steps": [
-                        {"share": 20, "min_requests": 5},
-                        {"share": 50, "min_requests": 10, "duration_s": 20},  # killed in this one
-                        {"share": 100, "min_requests": 5},
-                    ],
-                    "max_requests_per_step": 100000,
-                    "traffic_per_s": 5,
-                    "max_new_tokens": 3,
-                    "users": 97,
-                    # Two services share two loaded cores: latency is not what this test is about.
-                    "thresholds": {"max_latency_ratio": 3.0, "max_latency_p95_ratio": 5.0},
-                },
-                "tracking": {"experiment": "resume-test", "registered_model": name},
-            }
-        },
+    canary = {
+        "steps": [
+            {"share": 20, "min_requests": 5},
+            {"share": 50, "min_requests": 10, "duration_s": 20},  # killed in this one
+            {"share": 100, "min_requests": 5},
+        ],
+        "max_requests_per_step": 100000,
+        "traffic_per_s": 5,
+        "max_new_tokens": 3,
+        "users": 97,
+        # Two services share two loaded cores: latency is not what this test is about.
+        "thresholds": {"max_latency_ratio": 3.0, "max_latency_p95_ratio": 5.0},
     }
+    return tiny_release_spec(tiny_llm_dir, name, "resume-test", canary)
 
 
 def _run(spec_path: Path, log: Path) -> subprocess.Popen:

@@ -28,7 +28,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO_ROOT, build_tiny_model, run_cli
+from conftest import REPO_ROOT, build_tiny_model, run_cli, tiny_release_spec
 
 from flows.spec import CanarySpec
 from tasks import registry, release_lock
@@ -263,35 +263,14 @@ _cli = run_cli
 
 def test_release_killed_mid_canary_is_recovered(tmp_path: Path, tiny_llm_dir: Path, tracking: str) -> None:
     name = f"kill-{uuid.uuid4().hex[:8]}"
-    spec = {
-        "version": 1,
-        "pipelines": {
-            "tiny": {
-                "model": {"source": str(tiny_llm_dir)},
-                "data": {
-                    "eval": {"source": "demo", "max_samples": 10},
-                    "calibration": {"source": "demo", "max_samples": 4},
-                    "reference": {"source": "demo", "max_samples": 10},
-                },
-                # The default ignore list keeps the first and last blocks: a 2-block model would have
-                # nothing left to quantize. INT8 of it is not faster on 2 shared cores: release for size.
-                "compress": {
-                    "candidates": [{"name": "int8", "steps": [{"quantize": {"ignore": ["lm_head"]}}]}],
-                    "allow_slower_quantized": True,
-                },
-                "evaluate": {"max_samples": 10, "max_new_tokens": 3, "latency_prompts": 5, "warmup": 1},
-                "package": {"service_name": "kill-test", "warmup_requests": 1},
-                "canary": {
-                    "steps": [{"share": 50, "duration_s": 600}, 100],  # long enough to be killed in
-                    "max_requests_per_step": 100000,
-                    "traffic_per_s": 5,
-                    "max_new_tokens": 3,
-                    "users": 97,
-                },
-                "tracking": {"experiment": "kill-test", "registered_model": name},
-            }
-        },
+    canary = {
+        "steps": [{"share": 50, "duration_s": 600}, 100],  # long enough to be killed in
+        "max_requests_per_step": 100000,
+        "traffic_per_s": 5,
+        "max_new_tokens": 3,
+        "users": 97,
     }
+    spec = tiny_release_spec(tiny_llm_dir, name, "kill-test", canary)
     spec_path = tmp_path / "pipelines.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     log = (tmp_path / "run.log").open("w")
