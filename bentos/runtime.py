@@ -148,6 +148,29 @@ class _TokenQueue(BaseStreamer):
 _FORWARD_LOCK = threading.RLock()
 
 
+class _FirstStepLogits:
+    """Keeps the raw logits of the first generated position (the prefill's last one) while a
+    ``generate`` call runs, through a forward hook on the output head: asking ``generate`` for
+    ``output_logits`` instead would keep batch × vocab logits of *every* step (hundreds of MB for a
+    150k vocabulary) to use only the first."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self._head = model.get_output_embeddings()
+        self._handle: Any = None
+        self.logits: torch.Tensor | None = None
+
+    def _keep_first(self, _module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = output[:, -1, :].detach()
+
+    def __enter__(self) -> _FirstStepLogits:
+        self._handle = self._head.register_forward_hook(self._keep_first)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
 class LoadedModel:
     """A causal LM and its tokenizer, ready for batched generation. Thread-safe: calls are serialised."""
 
@@ -197,17 +220,19 @@ class LoadedModel:
             prompt_len = int(inputs["input_ids"].shape[1])
             timer = _FirstTokenTimer(started)
             criteria = StoppingCriteriaList([_PerRowBudget(prompt_len, torch.tensor(budgets))])
-            config = self._generation_config(params, max(budgets))
-            # Raw first-step logits give the calibrated confidence (one extra tensor per step).
-            config.output_logits, config.return_dict_in_generate = True, True
-            out = self.model.generate(
-                **inputs, generation_config=config, stopping_criteria=criteria, streamer=timer
-            )
+            first = _FirstStepLogits(self.model)
+            with first:
+                out = self.model.generate(
+                    **inputs,
+                    generation_config=self._generation_config(params, max(budgets)),
+                    stopping_criteria=criteria,
+                    streamer=timer,
+                )
             latency = time.perf_counter() - started
-            confidence = self._first_token_confidence(out.logits[0], out.sequences[:, prompt_len])
+            confidence = self._first_token_confidence(first.logits, out[:, prompt_len])
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         results = []
-        rows = out.sequences[:, prompt_len:].tolist()
+        rows = out[:, prompt_len:].tolist()
         for row, budget, n_prompt, conf in zip(rows, budgets, prompt_tokens, confidence, strict=True):
             text, n_out, reason = self._finish(row[:budget], params.stop)
             results.append(Generation(text, int(n_prompt), n_out, latency, timer.first_token_s, reason, conf))
