@@ -52,7 +52,15 @@ from starlette.responses import JSONResponse, StreamingResponse
 from bentos.auth import KeyStore
 from bentos.chat import ChatMessage, ChatTemplateError, render_chat
 from bentos.feature_flags import FeatureFlags, apply_service_flags
-from bentos.kv_budget import KVAdmission, KVBudget, QueueFull, free_memory_bytes, model_kv_shape, plan_budget
+from bentos.kv_budget import (
+    KVAdmission,
+    KVBudget,
+    KVShape,
+    QueueFull,
+    free_memory_bytes,
+    model_kv_shape,
+    plan_budget,
+)
 from bentos.model_resolver import calibration_temperature, resolve_model_dir
 from bentos.request_log import RequestLog, RequestRow, Status, hash_user
 from bentos.websocket import build_app as build_websocket_app
@@ -60,7 +68,8 @@ from bentos.websocket import build_app as build_websocket_app
 if TYPE_CHECKING:
     # Imported lazily at runtime: torch + transformers take seconds to import, and `bentoml build`
     # and the serve supervisor process import this module without ever generating.
-    from bentos.runtime import Generation, LoadedModel, TextStream
+    from bentos.continuous import ContinuousEngine
+    from bentos.runtime import Generation, LoadedModel, TokenStream
 
 logger = logging.getLogger("lockgate.service")
 request_logger = logging.getLogger("lockgate.requests")
@@ -110,6 +119,12 @@ class ServiceConfig(BaseModel):
         64, ge=0, description="Requests that may wait for KV-cache room; beyond it: 503 with Retry-After."
     )
     max_batch_items: int = Field(64, ge=1, le=4096, description="Most requests in one POST /generate_batch.")
+    engine: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: greedy requests join the running batch between decode steps "
+        "(bentos/continuous.py); static: whole requests are batched (MicroBatcher). Sampling requests "
+        "always use the micro-batcher.",
+    )
 
 
 @dataclass(frozen=True)
@@ -385,7 +400,8 @@ class ServiceMetrics:
         self.tokens = Counter("llm_tokens_total", "Tokens processed, by type (prompt/completion).", ["type"])
         self.batch_size = Histogram(
             "llm_batch_size",
-            "Requests per batched generate call.",
+            "Requests decoded together: per batched generate call (micro-batcher), or in the "
+            "continuous-batching engine when a request joins it.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
         latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -875,12 +891,36 @@ def _group(batch: list[_Pending]) -> list[list[_Pending]]:
 
 @dataclass(frozen=True)
 class Served:
-    """One loaded model version with its batcher. Replaced as a whole on a hot swap, so a request that
-    was admitted keeps the version it started with until it finishes."""
+    """One loaded model version with its batcher and engine. Replaced as a whole on a hot swap, so a
+    request that was admitted keeps the version it started with until it finishes."""
 
     model: LoadedModel
     batcher: MicroBatcher
     version: str
+    engine: ContinuousEngine | None = None  # None: engine "static", or the engine failed to start
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A version loaded and warmed up, not yet served."""
+
+    version: str
+    model: LoadedModel
+    budget: KVBudget
+    engine: ContinuousEngine | None
+
+
+def _workers_alive(served: Served) -> bool:
+    return served.batcher.alive and (served.engine is None or served.engine.alive)
+
+
+async def _generate(served: Served, req: GenerateRequest, timings: PhaseTimings) -> Generation:
+    """Greedy requests on the continuous-batching engine when there is one; the rest micro-batched."""
+    engine = served.engine
+    if engine is None or not engine.accepts(req.temperature):
+        return await served.batcher.submit(req, timings)
+    timings.generate_started = time.perf_counter()
+    return await engine.generate(req.prompt, req.max_new_tokens, req.stop)
 
 
 def follows_registry(uri: str | None) -> bool:
@@ -967,34 +1007,36 @@ class LLMService:
             task.cancel()
         if self.served is not None:
             await self.served.batcher.stop()
+            if self.served.engine is not None:
+                await asyncio.to_thread(self.served.engine.stop)
         if self.accounting.request_log is not None:
             self.accounting.request_log.close()
 
     async def __is_ready__(self) -> bool:
-        return self._ready and self.served is not None and self.served.batcher.alive
+        return self._ready and self.served is not None and _workers_alive(self.served)
 
     async def __is_alive__(self) -> bool:
         # A model that failed to load, or a dead batch worker, never recovers: let the platform restart.
         if self.load_error is not None:
             return False
-        return not (self._ready and self.served is not None and not self.served.batcher.alive)
+        return not (self._ready and self.served is not None and not _workers_alive(self.served))
 
     async def _start(self) -> None:
         try:
-            version, model = await self._load(self.settings.model_uri or "")
+            loaded = await self._load(self.settings.model_uri or "")
         except Exception as exc:
             # Kept, not re-raised into a task nobody awaits: it surfaces as /livez 503 (restart me),
             # /readyz 503 and in the 503 body of every request.
             self.load_error = exc
             logger.exception("model %s failed to load", self.settings.model_uri)
             return
-        self._swap_in(version, model)
+        self._swap_in(loaded)
         self._ready = True
         if follows_registry(self.settings.model_uri):
             self._background.append(asyncio.create_task(self._follow_registry(), name="lockgate-registry"))
 
-    async def _load(self, uri: str) -> tuple[str, LoadedModel]:
-        """Resolve, load and warm up ``uri``; returns (version label, model)."""
+    async def _load(self, uri: str) -> LoadedVersion:
+        """Resolve, load, plan the KV cache for, start the engine of and warm up ``uri``."""
         from bentos.model_resolver import pin_version
         from bentos.runtime import load_model
 
@@ -1015,6 +1057,8 @@ class LLMService:
         # the first generate took 1.1 s vs 0.1 s afterwards (quanto: 2.4 s). Pay before traffic.
         for _ in range(cfg.warmup_requests):
             await asyncio.to_thread(model.generate, [WARMUP_PROMPT], min(8, cfg.max_new_tokens))
+        budget = self._kv_plan(model)
+        engine = await self._start_engine(model, budget)
         logger.info(
             "loaded %s v%s (%s, quantization=%s, device=%s) in %.1fs, %d warm-up runs in %.1fs",
             self.settings.model_name,
@@ -1026,13 +1070,35 @@ class LLMService:
             cfg.warmup_requests,
             time.perf_counter() - loaded,
         )
-        return version, model
+        return LoadedVersion(version, model, budget, engine)
 
-    def _swap_in(self, version: str, model: LoadedModel) -> None:
+    async def _start_engine(self, model: LoadedModel, budget: KVBudget) -> ContinuousEngine | None:
+        """Start and warm up the continuous-batching engine (engine ``continuous``). If it cannot run
+        this model, the error is logged with its traceback, ``/capacity`` shows ``engine: static`` and
+        every request goes through the micro-batcher: slower under load, but served."""
+        from bentos.continuous import ContinuousEngine, engine_shape
+
+        cfg = self.settings.config
+        if cfg.engine != "continuous":
+            return None
+        shape = engine_shape(cfg.max_batch_size, budget.capacity_tokens, budget.max_context_tokens)
+        engine = ContinuousEngine(model, shape, on_join=self.accounting.metrics.batch_size.observe)
+        try:
+            await asyncio.to_thread(engine.start)
+            for _ in range(cfg.warmup_requests):
+                await engine.generate(WARMUP_PROMPT, min(8, cfg.max_new_tokens), ())
+        except Exception:
+            logger.exception("continuous batching failed to start; serving with whole-request batching")
+            await asyncio.to_thread(engine.stop)
+            return None
+        return engine
+
+    def _swap_in(self, loaded: LoadedVersion) -> None:
         """Make ``model`` the served one. One batcher lives for the whole process: on a hot swap it
         runs later batches on the new model while a running batch finishes on the old one, which is
         then released (nothing references it any more)."""
         cfg = self.settings.config
+        version, model = loaded.version, loaded.model
         old = self.served
         if old is None:
             metrics = self.accounting.metrics
@@ -1048,24 +1114,31 @@ class LLMService:
         else:
             batcher = old.batcher
             batcher.swap_model(model)
-        self.served = Served(model, batcher, version)
+        self.served = Served(model, batcher, version, loaded.engine)
         self.accounting.serving_version = version
-        self._plan_kv_cache(model)
+        self._apply_kv_budget(loaded.budget, model_kv_shape(model.model))
         if old is not None:
             logger.info("hot swap: now serving v%s (was v%s)", version, old.version)
+            if old.engine is not None:
+                # Its admitted requests finish on it; then its decode thread and cache go.
+                self._background.append(asyncio.create_task(old.engine.drain_and_stop()))
 
-    def _plan_kv_cache(self, model: LoadedModel) -> None:
+    def _kv_plan(self, model: LoadedModel) -> KVBudget:
         """Size the KV-cache budget for ``model`` (after its weights are loaded, so free memory is what
-        is really left). On a hot swap, reservations of requests still running stay counted."""
+        is really left, and before the engine allocates its cache from it)."""
         cfg = self.settings.config
-        shape = model_kv_shape(model.model)
-        budget = plan_budget(
-            shape,
+        return plan_budget(
+            model_kv_shape(model.model),
             cfg.kv_cache_budget_mb,
             free_memory_bytes(model.device),
             # Characters bound tokens from above for byte-level BPE tokenizers (a token is >= 1 char).
             cfg.max_prompt_chars + cfg.max_new_tokens,
         )
+
+    def _apply_kv_budget(self, budget: KVBudget, shape: KVShape) -> None:
+        """Admit requests against ``budget``. On a hot swap, reservations of requests still running
+        stay counted."""
+        cfg = self.settings.config
         if self.admission is None:
             self.admission = KVAdmission(budget.capacity_tokens, cfg.max_queue, on_change=self._note_load)
         else:
@@ -1102,6 +1175,7 @@ class LLMService:
             "running": admission.running if admission else 0,
             "waiting": admission.waiting if admission else 0,
             "max_queue": self.settings.config.max_queue,
+            "engine": "continuous" if self.served and self.served.engine else "static",
         }
 
     async def _follow_registry(self) -> None:
@@ -1115,8 +1189,7 @@ class LLMService:
             try:
                 pinned = await asyncio.to_thread(pin_version, uri)
                 if self.served is not None and pinned.version != self.served.version:
-                    version, model = await self._load(f"models:/{pinned.name}/{pinned.version}")
-                    self._swap_in(version, model)
+                    self._swap_in(await self._load(f"models:/{pinned.name}/{pinned.version}"))
                 elif self.served is not None:
                     # A recalibration re-tags the served version: apply it without reloading.
                     temperature = await asyncio.to_thread(calibration_temperature, pinned)
@@ -1338,7 +1411,7 @@ class LLMService:
             assert served is not None
             record.model_version = served.version
             try:
-                gen = await served.batcher.submit(prepared.request, record.timings)
+                gen = await _generate(served, prepared.request, record.timings)
             except Exception as exc:
                 logger.error("request %s failed", record.request_id, exc_info=exc)
                 return Refusal(500, None, f"generation failed: {type(exc).__name__}: {exc}")
@@ -1360,7 +1433,7 @@ class LLMService:
             timings=record.timings.as_ms(),
         ).model_dump()
 
-    async def start_stream(self, record: RequestRecord, prepared: Prepared) -> TextStream | Refusal:
+    async def start_stream(self, record: RequestRecord, prepared: Prepared) -> TokenStream | Refusal:
         """Reserve KV-cache room and start streaming (for /generate_stream and the WebSocket)."""
         refused = await self._reserve(record, prepared.reserve_tokens)
         if refused is not None:
@@ -1369,9 +1442,12 @@ class LLMService:
         assert served is not None
         record.model_version = served.version
         req = prepared.request
-        stream = served.model.stream(
-            req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.seed, list(req.stop)
-        )
+        if served.engine is not None and served.engine.accepts(req.temperature):
+            stream: TokenStream = served.engine.stream(req.prompt, req.max_new_tokens, req.stop)
+        else:
+            stream = served.model.stream(
+                req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.seed, list(req.stop)
+            )
         record.cleanups.append(stream.cancel)  # cleanups run last-in first: cancel, then release room
         return stream
 
@@ -1447,7 +1523,7 @@ def _validate_input(raw: Any, field_path: str) -> GenerateInput | Refusal:
 
 
 async def _stream_body(
-    stream: TextStream, chunks: Any, first: str | None, record: RequestRecord, log_text: bool
+    stream: TokenStream, chunks: Any, first: str | None, record: RequestRecord, log_text: bool
 ) -> AsyncIterator[str]:
     try:
         chunk = first

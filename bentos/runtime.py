@@ -242,8 +242,8 @@ class LoadedModel:
         """P(first generated token) per row, temperature-scaled as σ(logit(p) / T): the same transform
         the monitor fits on feedback (tasks/feedback.py), so a fitted T applies here unchanged."""
         probs = torch.softmax(logits.float(), dim=-1)
-        p = probs.gather(1, chosen[:, None].to(probs.device))[:, 0].clamp(1e-7, 1 - 1e-7)
-        return torch.sigmoid(torch.logit(p) / self.calibration_temperature).tolist()
+        p = probs.gather(1, chosen[:, None].to(probs.device))[:, 0]
+        return calibrated(p, self.calibration_temperature).tolist()
 
     def stream(
         self,
@@ -308,42 +308,36 @@ class LoadedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-class TextStream:
-    """Continuation text of one prompt, chunk by chunk, produced by a background generation thread.
+class TokenStream:
+    """Continuation text of one prompt, chunk by chunk, from token ids a producer puts in ``_tokens``.
 
     Iterate it once. When iteration ends, ``generation`` holds the totals; an exception raised by the
     model is re-raised from the iterator (never turned into text). ``close()`` stops generation early.
+    Producers: :class:`TextStream` (a ``generate`` call in a thread) and
+    ``bentos.continuous.ContinuousStream`` (a request of the continuous-batching engine).
     """
 
-    def __init__(self, model: LoadedModel, prompt: str, max_new_tokens: int, params: SamplingParams) -> None:
+    def __init__(self, model: LoadedModel, max_new_tokens: int, params: SamplingParams) -> None:
         self._model = model
-        self._prompt = prompt
         self._budget = max_new_tokens
         self._params = params
         self._tokens = _TokenQueue()
-        self._cancel = threading.Event()
         self._started = time.perf_counter()
         self._first_token_s: float | None = None
         self._prompt_tokens = 0
         self.generation: Generation | None = None
-        self._thread = threading.Thread(target=self._run, name="lockgate-stream", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        m = self._model
-        try:
-            with m._lock, torch.inference_mode():
-                inputs = m._encode([self._prompt])
-                self._prompt_tokens = int(inputs["attention_mask"].sum())
-                criteria = StoppingCriteriaList([_Cancelled(self._cancel)])
-                m.model.generate(
-                    **inputs,
-                    generation_config=m._generation_config(self._params, self._budget),
-                    stopping_criteria=criteria,
-                    streamer=self._tokens,
-                )
-        except BaseException as exc:  # handed to the reader, which re-raises it
-            self._tokens.items.put(("error", exc))
+    def cancel(self) -> None:
+        """Ask generation to stop after its current step; returns at once (safe from any thread)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop generation (if still running) and wait until the producer has let go of the model."""
+        raise NotImplementedError
+
+    def _confidence(self) -> float | None:
+        """First-token confidence, when the producer knows it."""
+        return None
 
     def __iter__(self) -> Iterator[str]:
         ids: list[int] = []
@@ -371,7 +365,7 @@ class TextStream:
                 cut = _first_stop(text, stop)
                 if cut is not None:
                     reason = "stop"
-                    self._cancel.set()
+                    self.cancel()
                     if cut > len(emitted):
                         yield text[len(emitted) : cut]
                     emitted = text[:cut]
@@ -393,13 +387,10 @@ class TextStream:
                 latency_s=time.perf_counter() - self._started,
                 first_token_s=self._first_token_s,
                 finish_reason=reason,
+                confidence=self._confidence(),
             )
         finally:
             self.close()
-
-    def cancel(self) -> None:
-        """Ask generation to stop after its current step; returns at once (safe from any thread)."""
-        self._cancel.set()
 
     @property
     def tokens_generated(self) -> int:
@@ -411,8 +402,37 @@ class TextStream:
     def prompt_tokens(self) -> int:
         return self._prompt_tokens
 
+
+class TextStream(TokenStream):
+    """A stream produced by one ``generate`` call in a background thread (holds the model lock)."""
+
+    def __init__(self, model: LoadedModel, prompt: str, max_new_tokens: int, params: SamplingParams) -> None:
+        super().__init__(model, max_new_tokens, params)
+        self._prompt = prompt
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lockgate-stream", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        m = self._model
+        try:
+            with m._lock, torch.inference_mode():
+                inputs = m._encode([self._prompt])
+                self._prompt_tokens = int(inputs["attention_mask"].sum())
+                criteria = StoppingCriteriaList([_Cancelled(self._cancel)])
+                m.model.generate(
+                    **inputs,
+                    generation_config=m._generation_config(self._params, self._budget),
+                    stopping_criteria=criteria,
+                    streamer=self._tokens,
+                )
+        except BaseException as exc:  # handed to the reader, which re-raises it
+            self._tokens.items.put(("error", exc))
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
     def close(self) -> None:
-        """Stop generation (if still running) and wait for the thread, which frees the model lock."""
         self._cancel.set()
         self._thread.join()
 
@@ -522,6 +542,12 @@ def _params(temperature: float, top_p: float, seed: int | None, stop: list[str] 
     if stop and any(not s for s in stop):
         raise ValueError("stop: strings must not be empty")
     return SamplingParams(float(temperature), float(top_p), seed, tuple(stop or ()))
+
+
+def calibrated(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """σ(logit(p) / T): a probability after temperature scaling (T fitted by the monitor on feedback)."""
+    p = p.float().clamp(1e-7, 1 - 1e-7)
+    return torch.sigmoid(torch.logit(p) / temperature)
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:

@@ -509,6 +509,11 @@ class ResourcesSpec(StrictModel):
 class BatchingSpec(StrictModel):
     max_batch_size: int = Field(8, ge=1, le=1024, description="Requests decoded together.")
     max_latency_ms: int = Field(50, ge=1, le=60_000, description="Longest wait to fill a batch.")
+    engine: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: greedy requests join the running batch between decode steps "
+        "(iteration-level batching); static: whole requests are batched, like BentoML's adaptive batching.",
+    )
 
 
 class CapacitySpec(StrictModel):

@@ -55,6 +55,7 @@ def service_config(spec: PackageSpec) -> dict[str, object]:
         "memory": spec.resources.memory,
         "max_batch_size": spec.batching.max_batch_size,
         "max_latency_ms": spec.batching.max_latency_ms,
+        "engine": spec.batching.engine,
         "max_prompt_chars": spec.limits.max_prompt_chars,
         "max_new_tokens": spec.limits.max_new_tokens,
         "timeout_s": spec.limits.timeout_s,

@@ -171,19 +171,38 @@ def test_generate_returns_continuation_and_counts(server: Server) -> None:
     assert body["request_id"] == resp.headers["x-request-id"]
 
 
-def test_concurrent_requests_are_micro_batched(server: Server) -> None:
-    def one(i: int) -> httpx.Response:
-        return _generate(server, prompt=f"Q: what is {i} plus 2?\nA:", max_new_tokens=4 + i % 5)
+def _batch_sizes(server: Server) -> tuple[float, float]:
+    """(observations of llm_batch_size, observations of size 1)."""
+    samples = {(n, labels.get("le")): value for n, labels, value in _metric_samples(server, "llm_batch_size")}
+    return samples[("llm_batch_size_count", None)], samples[("llm_batch_size_bucket", "1.0")]
 
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        responses = list(pool.map(one, range(20)))
+
+def _concurrently(server: Server, n: int, **body: object) -> list[httpx.Response]:
+    def one(i: int) -> httpx.Response:
+        return _generate(server, prompt=f"Q: what is {i} plus 2?\nA:", max_new_tokens=4 + i % 5, **body)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(one, range(n)))
     failed = [r.text for r in responses if r.status_code != 200]
     assert not failed, failed
     # Each request is cut to its own budget even when batched with longer ones.
     assert all(r.json()["output_tokens"] <= 4 + i % 5 for i, r in enumerate(responses))
-    samples = {(n, labels.get("le")): value for n, labels, value in _metric_samples(server, "llm_batch_size")}
-    batches, single = samples[("llm_batch_size_count", None)], samples[("llm_batch_size_bucket", "1.0")]
-    assert batches - single >= 1, f"no batch of more than one request: {samples}"
+    return responses
+
+
+@pytest.mark.parametrize(
+    ("body", "engine"),
+    [({"temperature": 0.0}, "continuous engine"), ({"temperature": 0.8}, "micro-batcher (sampling)")],
+)
+def test_concurrent_requests_are_batched(server: Server, body: dict[str, float], engine: str) -> None:
+    """Greedy requests join the continuous-batching engine; sampling ones are micro-batched. Either
+    way llm_batch_size records more than one request decoded together."""
+    assert httpx.get(f"{server.url}/capacity", timeout=5).json()["engine"] == "continuous"
+    count_before, single_before = _batch_sizes(server)
+    _concurrently(server, 20, **body)
+    count, single = _batch_sizes(server)
+    together = (count - count_before) - (single - single_before)
+    assert together >= 1, f"{engine}: no request decoded together with another"
 
 
 def test_stream_yields_chunks_equal_to_unary_text(server: Server) -> None:
