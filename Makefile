@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast lint schema clean setup postgres promtool
+.PHONY: run test test-fast lint schema clean setup postgres promtool redis
 
 setup: $(STAMP)
 
@@ -35,7 +35,13 @@ promtool:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 		prometheus prometheus-alertmanager) || echo "promtool not installed: alert-rule checks will be skipped"
 
-test: $(STAMP) postgres promtool
+# redis-server (Debian package) for the Redis response-cache test; skipped with a reason without it.
+redis:
+	command -v redis-server >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		redis-server) || echo "redis-server not installed: the Redis cache test will be skipped"
+
+test: $(STAMP) postgres promtool redis
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra
 

@@ -73,6 +73,10 @@ class ContinuousEngine:
         self._in_flight = 0
         self._manager: Any = None  # transformers' ContinuousBatchingManager, set by start()
         self._lock = threading.Lock()
+        self._restarting: asyncio.Lock | None = None
+        self._stopped = False
+        self.restarts = 0
+        self._vocab_rows = model.model.get_input_embeddings().weight.shape[0]
 
     @staticmethod
     def accepts(temperature: float) -> bool:
@@ -113,7 +117,8 @@ class ContinuousEngine:
 
     @property
     def alive(self) -> bool:
-        return self._manager is not None and self._manager.is_running()
+        """Not stopped (a manager that a failed step stopped is restarted by the next request)."""
+        return self._manager is not None and not self._stopped
 
     @property
     def in_flight(self) -> int:
@@ -163,6 +168,7 @@ class ContinuousEngine:
         await asyncio.to_thread(self.stop)
 
     def stop(self) -> None:
+        self._stopped = True
         with self._lock:
             manager, self._manager = self._manager, None
         if manager is not None and manager.is_running():
@@ -182,9 +188,8 @@ class ContinuousEngine:
         done: asyncio.Future[Any],
         streaming: bool,
     ) -> Any:
-        manager = self._manager
-        if manager is None:
-            raise RuntimeError("continuous-batching engine is not running")
+        _check_vocabulary(ids, self._vocab_rows)
+        manager = await self._running_manager()
         manager.register_result_handler(request_id, on_output)
         self._in_flight += 1
         self._on_join(self._in_flight)
@@ -205,6 +210,29 @@ class ContinuousEngine:
         finally:
             self._in_flight -= 1
 
+    async def _running_manager(self) -> Any:
+        """The manager, restarted first if a failed batch stopped it (transformers stops the engine on
+        an error inside a decode step and fails that step's requests): one bad batch must not take
+        every later request down with it."""
+        if self._stopped:
+            raise RuntimeError("continuous-batching engine is stopped")
+        if self._restarting is None:
+            self._restarting = asyncio.Lock()
+        async with self._restarting:
+            manager = self._manager
+            if manager is None or not manager.is_running():
+                self.restarts += 1
+                logger.warning(
+                    "continuous-batching engine stopped after a failed step; restart %d", self.restarts
+                )
+                await asyncio.to_thread(self._replace_manager, manager)
+            return self._manager
+
+    def _replace_manager(self, dead: Any) -> None:
+        if dead is not None:
+            dead.stop(block=True, timeout=30)
+        self.start()
+
     def _cancel(self, request_id: str) -> None:
         manager = self._manager
         if manager is None:
@@ -220,6 +248,16 @@ class ContinuousEngine:
             return None
         p = torch.tensor([math.exp(logprobs[0])])
         return float(calibrated(p, self.model.calibration_temperature)[0])
+
+
+def _check_vocabulary(ids: list[int], rows: int) -> None:
+    """A token id the embedding has no row for fails the whole decode step of every request in it
+    (tokenizer and model that do not match): refuse that one request before it joins."""
+    if ids and max(ids) >= rows:
+        raise IndexError(
+            f"index out of range: prompt token id {max(ids)} >= the model's {rows} embedding rows "
+            "(tokenizer and model do not match)"
+        )
 
 
 def _has_stop(model: LoadedModel, tokens: list[int], stop: tuple[str, ...]) -> bool:

@@ -63,6 +63,8 @@ from bentos.kv_budget import (
 )
 from bentos.model_resolver import calibration_temperature, resolve_model_dir
 from bentos.request_log import RequestLog, RequestRow, Status, hash_user
+from bentos.response_cache import CachedAnswer, ResponseCacheConfig, build_cache, cache_key
+from bentos.tracing import TracingConfig, build_tracer
 from bentos.websocket import build_app as build_websocket_app
 
 if TYPE_CHECKING:
@@ -119,6 +121,12 @@ class ServiceConfig(BaseModel):
         64, ge=0, description="Requests that may wait for KV-cache room; beyond it: 503 with Retry-After."
     )
     max_batch_items: int = Field(64, ge=1, le=4096, description="Most requests in one POST /generate_batch.")
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig, description="OpenTelemetry spans per request (bentos/tracing.py)."
+    )
+    response_cache: ResponseCacheConfig = Field(
+        default_factory=ResponseCacheConfig, description="Cache of greedy answers (bentos/response_cache.py)."
+    )
     engine: Literal["continuous", "static"] = Field(
         "continuous",
         description="continuous: greedy requests join the running batch between decode steps "
@@ -278,6 +286,7 @@ class GenerateResponse(BaseModel):
     timings: dict[str, float] | None = Field(
         None, description="Server time per phase in ms (auth, tokenize, queue, prefill, decode, ...)."
     )
+    cached: bool = Field(False, description="Answered from the response cache (greedy requests only).")
 
 
 @dataclass(frozen=True)
@@ -450,6 +459,14 @@ class ServiceMetrics:
             "Requests admitted but not yet generating: waiting for KV-cache room or for a batch.",
             multiprocess_mode="max",
         )
+        self.response_cache = Counter(
+            "llm_response_cache", "Greedy requests looked up in the response cache.", ["result"]
+        )
+
+    def count_cache(self, key: str | None, hit: object | None) -> None:
+        """Count a response-cache lookup (``key`` None: the request was not cacheable, nothing counted)."""
+        if key is not None:
+            self.response_cache.labels("hit" if hit is not None else "miss").inc()
 
     def sample_resources(self) -> None:
         """Refresh the memory and GPU gauges (called per request: cheap, and /metrics stays current)."""
@@ -474,6 +491,7 @@ class Accounting:
         self.request_log = RequestLog(settings.request_log) if settings.request_log else None
         self._metrics: ServiceMetrics | None = None
         self.serving_version: str | None = None  # set once a model is loaded; follows hot swaps
+        self.tracer = build_tracer(settings.config.tracing, "lockgate-llm", settings.model_name)
 
     @property
     def metrics(self) -> ServiceMetrics:
@@ -548,6 +566,25 @@ class Accounting:
             "error": record.error,
         }
         request_logger.info(json.dumps(line))
+        if self.tracer is not None and record.claimed:
+            self._trace(record, version, status, latency_ms)
+
+    def _trace(self, record: RequestRecord, version: str, status: Status, latency_ms: float) -> None:
+        t = record.timings
+        phases = [(name, getattr(t, name)) for name in PHASES if name != "total"]
+        attributes: dict[str, str | int | float | bool] = {
+            "lockgate.request_id": record.request_id,
+            "lockgate.endpoint": record.endpoint,
+            "lockgate.model": self.settings.model_name,
+            "lockgate.model_version": version,
+            "lockgate.role": self.settings.role,
+            "lockgate.status": status,
+            "gen_ai.usage.input_tokens": record.prompt_tokens or 0,
+            "gen_ai.usage.output_tokens": record.output_tokens or 0,
+        }
+        if record.http_status is not None:
+            attributes["http.response.status_code"] = record.http_status
+        self.tracer.record(latency_ms / 1000.0, phases, attributes, failed=status == "error")  # type: ignore[union-attr]
 
 
 ACCOUNTING = Accounting(SETTINGS)
@@ -910,6 +947,10 @@ class LoadedVersion:
     engine: ContinuousEngine | None
 
 
+def _cached_answer(gen: Generation) -> CachedAnswer:
+    return CachedAnswer(gen.text, gen.prompt_tokens, gen.output_tokens, gen.finish_reason, gen.confidence)
+
+
 def _workers_alive(served: Served) -> bool:
     return served.batcher.alive and (served.engine is None or served.engine.alive)
 
@@ -989,6 +1030,7 @@ class LLMService:
         self.load_error: BaseException | None = None
         self._ready = False
         self._background: list[asyncio.Task[None]] = []
+        self.response_cache = build_cache(self.settings.config.response_cache)
         self.kv_budget: KVBudget | None = None  # set when a model is loaded (its shape decides it)
         self.admission: KVAdmission | None = None
 
@@ -1011,6 +1053,8 @@ class LLMService:
                 await asyncio.to_thread(self.served.engine.stop)
         if self.accounting.request_log is not None:
             self.accounting.request_log.close()
+        if self.accounting.tracer is not None:
+            await asyncio.to_thread(self.accounting.tracer.shutdown)
 
     async def __is_ready__(self) -> bool:
         return self._ready and self.served is not None and _workers_alive(self.served)
@@ -1402,21 +1446,28 @@ class LLMService:
         return None
 
     async def _run_unary(self, record: RequestRecord, prepared: Prepared) -> dict[str, Any] | Refusal:
-        """Reserve, batch, generate; the response body as a dict, or why not."""
-        refused = await self._reserve(record, prepared.reserve_tokens)
-        if refused is not None:
-            return refused
-        try:
-            served = self.served  # after the wait: a hot swap meanwhile serves this on the new version
-            assert served is not None
+        """Answer from the response cache, or reserve, batch, generate; the response body, or why not."""
+        served = self.served
+        assert served is not None
+        key = self._cache_key(served, prepared.request)
+        cache = self.response_cache
+        hit = await asyncio.to_thread(cache.get, key) if key is not None and cache is not None else None
+        self.accounting.metrics.count_cache(key, hit)
+        if hit is not None:
+            from bentos.runtime import Generation
+
             record.model_version = served.version
-            try:
-                gen = await _generate(served, prepared.request, record.timings)
-            except Exception as exc:
-                logger.error("request %s failed", record.request_id, exc_info=exc)
-                return Refusal(500, None, f"generation failed: {type(exc).__name__}: {exc}")
-        finally:
-            record.clean_up()  # the cache room is free once generation is done
+            gen = Generation(
+                hit.text, hit.prompt_tokens, hit.output_tokens, 0.0, None, hit.finish_reason, hit.confidence
+            )
+        else:
+            outcome = await self._generate_reserved(record, prepared)
+            if isinstance(outcome, Refusal):
+                return outcome
+            served, gen = outcome
+            key = self._cache_key(served, prepared.request)  # the version may have changed meanwhile
+            if key is not None and cache is not None:
+                await asyncio.to_thread(cache.put, key, _cached_answer(gen))
         record.succeed(gen, self.settings.log_text)
         record.timings.record_generation(gen)
         record.timings.total = time.perf_counter() - record.started
@@ -1431,7 +1482,34 @@ class LLMService:
             finish_reason=gen.finish_reason,
             confidence=None if gen.confidence is None else round(gen.confidence, 6),
             timings=record.timings.as_ms(),
+            cached=hit is not None,
         ).model_dump()
+
+    async def _generate_reserved(
+        self, record: RequestRecord, prepared: Prepared
+    ) -> tuple[Served, Generation] | Refusal:
+        """Reserve KV-cache room, then generate on the version served once the room is there."""
+        refused = await self._reserve(record, prepared.reserve_tokens)
+        if refused is not None:
+            return refused
+        try:
+            served = self.served  # after the wait: a hot swap meanwhile serves this on the new version
+            assert served is not None
+            record.model_version = served.version
+            try:
+                return served, await _generate(served, prepared.request, record.timings)
+            except Exception as exc:
+                logger.error("request %s failed", record.request_id, exc_info=exc)
+                return Refusal(500, None, f"generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            record.clean_up()  # the cache room is free once generation is done
+
+    def _cache_key(self, served: Served, req: GenerateRequest) -> str | None:
+        """The response-cache key of a deterministic (greedy) request; None when it is not cacheable."""
+        if self.response_cache is None or req.temperature != 0.0:
+            return None
+        calibration = served.model.calibration_temperature
+        return cache_key(served.version, calibration, req.prompt, req.max_new_tokens, req.stop)
 
     async def start_stream(self, record: RequestRecord, prepared: Prepared) -> TokenStream | Refusal:
         """Reserve KV-cache room and start streaming (for /generate_stream and the WebSocket)."""

@@ -550,6 +550,42 @@ class PricingSpec(StrictModel):
     completion_per_1k_tokens: float = Field(0.0, ge=0, le=1000, description="USD per 1000 generated tokens.")
 
 
+class ResponseCacheSpec(StrictModel):
+    """Cache of greedy answers (bentos/response_cache.py): same prompt, budget, stop strings and model
+    version give the same text, so a repeat is served without the model."""
+
+    enabled: bool = Field(False, description="Serve repeated greedy requests from the cache.")
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: in-process LRU per replica; redis: shared by every replica."
+    )
+    max_entries: int = Field(1024, ge=1, le=10_000_000, description="LRU size (memory backend).")
+    redis_url: str | None = Field(
+        None, pattern=r"^rediss?://", description="redis://host:port/db (redis backend)."
+    )
+    ttl_s: int = Field(3600, ge=1, le=30 * 24 * 3600, description="Lifetime of a Redis entry.")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> ResponseCacheSpec:
+        if self.enabled and self.backend == "redis" and not self.redis_url:
+            raise ValueError("redis_url: required when backend is redis")
+        return self
+
+
+class TracingSpec(StrictModel):
+    """OpenTelemetry spans per request: root ``llm.request`` + auth/tokenize/queue/prefill/decode/
+    postprocess children (bentos/tracing.py). Off by default."""
+
+    exporter: Literal["none", "console", "otlp"] = Field(
+        "none", description="none: off; console: JSON on the service's stdout; otlp: OTLP/HTTP protobuf."
+    )
+    endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces", pattern=r"^https?://", description="OTLP/HTTP traces URL."
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers (collector auth).")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of requests traced.")
+    export_interval_ms: int = Field(1000, ge=10, le=60_000, description="Batch export interval.")
+
+
 class PackageSpec(StrictModel):
     service_name: str = Field("lockgate-llm", pattern=_NAME, description="Bento name.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Declared resources.")
@@ -560,6 +596,12 @@ class PackageSpec(StrictModel):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Input limits.")
     warmup_requests: int = Field(2, ge=0, le=100, description="Generations run before /readyz is ready.")
     pricing: PricingSpec = Field(default_factory=PricingSpec, description="Cost accounting per customer.")
+    response_cache: ResponseCacheSpec = Field(
+        default_factory=ResponseCacheSpec, description="Cache of greedy answers (off by default)."
+    )
+    tracing: TracingSpec = Field(
+        default_factory=TracingSpec, description="OpenTelemetry spans (off by default)."
+    )
 
 
 # -------------------------------------------------------------------------------------- canary

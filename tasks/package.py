@@ -38,6 +38,7 @@ BENTO_PYTHON_PACKAGES = [
     "mlflow",
     "pandas<3",
     "prometheus-client",
+    "redis",
 ]
 
 
@@ -66,6 +67,8 @@ def service_config(spec: PackageSpec) -> dict[str, object]:
         "warmup_requests": spec.warmup_requests,
         "price_per_1k_prompt_tokens": spec.pricing.prompt_per_1k_tokens,
         "price_per_1k_completion_tokens": spec.pricing.completion_per_1k_tokens,
+        "response_cache": spec.response_cache.model_dump(),
+        "tracing": spec.tracing.model_dump(),
     }
 
 

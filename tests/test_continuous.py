@@ -61,6 +61,7 @@ def test_a_short_request_joins_and_leaves_a_running_long_one(engine: ContinuousE
         await asyncio.sleep(0.05)  # the long request is decoding
         short = await engine.generate(PROMPTS[1], 2, ())
         short_done = time.perf_counter()
+        assert 1 <= short.output_tokens <= 2
         long_result = await long
         return short_done, time.perf_counter(), long_result.output_tokens
 
@@ -114,3 +115,18 @@ def test_drain_and_stop_lets_admitted_requests_finish(engine: ContinuousEngine) 
 
     assert all(n >= 1 for n in asyncio.run(run()))
     assert not engine.alive
+
+
+def test_engine_restarts_after_transformers_stopped_it(engine: ContinuousEngine) -> None:
+    """transformers stops its engine when a decode step raises; the next request starts a new one."""
+    engine._manager.stop(block=True)  # what a failed step leaves behind
+    got = asyncio.run(engine.generate(PROMPTS[0], 4, ()))
+    assert got.output_tokens >= 1 and engine.restarts == 1 and engine.alive
+
+
+def test_out_of_vocabulary_prompt_is_refused_alone(engine: ContinuousEngine) -> None:
+    with pytest.raises(IndexError, match="index out of range"):
+        from bentos.continuous import _check_vocabulary
+
+        _check_vocabulary([1, 2, 10_000], rows=300)
+    assert asyncio.run(engine.generate(PROMPTS[1], 3, ())).output_tokens >= 1

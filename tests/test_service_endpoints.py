@@ -4,10 +4,13 @@ the LLM service, over real HTTP/WebSocket against one ``bentoml serve`` (tiny ra
 from __future__ import annotations
 
 import concurrent.futures
+import http.server
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -361,12 +364,47 @@ def test_generate_reports_phase_timings_in_body_and_server_timing(server: Server
 # -- with API keys -------------------------------------------------------------------------------
 
 
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP trace receiver: keeps every POSTed ExportTraceServiceRequest body."""
+
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length", 0))
+        type(self).bodies.append(self.rfile.read(length))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def keyed(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """A service with API keys and prices: (url, key)."""
+def otlp_collector() -> Iterator[tuple[str, list[bytes]]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces", _Collector.bodies
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def keyed(
+    tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory, otlp_collector: tuple[str, list[bytes]]
+) -> Iterator[tuple[str, str]]:
+    """A service with API keys, prices, the response cache and OTLP tracing: (url, key)."""
     root = tmp_path_factory.mktemp("endpoints-keyed")
     key = add_key(root / "keys.json", "team-ws", rate_per_s=100, burst=100)
-    config = {"price_per_1k_prompt_tokens": 1.0, "price_per_1k_completion_tokens": 2.0, "warmup_requests": 1}
+    config = {
+        "price_per_1k_prompt_tokens": 1.0,
+        "price_per_1k_completion_tokens": 2.0,
+        "warmup_requests": 1,
+        "response_cache": {"enabled": True, "max_entries": 64},
+        "tracing": {"exporter": "otlp", "endpoint": otlp_collector[0], "export_interval_ms": 100},
+    }
     launch = {
         "target": "bentos.llm_service:LLMService",
         "role": "stable",
@@ -383,6 +421,94 @@ def keyed(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield service.url, key
     finally:
         service.stop()
+
+
+def _cache_lookups(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        s.labels["result"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "llm_response_cache_total"
+    }
+
+
+def test_response_cache_answers_repeated_greedy_requests(keyed: tuple[str, str]) -> None:
+    url, key = keyed
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"prompt": "Q: what is 17 plus 5?\nA:", "max_new_tokens": 6}
+    before = _cache_lookups(url)
+    first = httpx.post(f"{url}/generate", json=body, headers=headers, timeout=60).json()
+    second = httpx.post(f"{url}/generate", json=body, headers=headers, timeout=60).json()
+    other_budget = httpx.post(
+        f"{url}/generate", json={**body, "max_new_tokens": 5}, headers=headers, timeout=60
+    )
+    sampled = [
+        httpx.post(f"{url}/generate", json={**body, "temperature": 0.9}, headers=headers, timeout=60).json()
+        for _ in range(2)
+    ]
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert (second["text"], second["output_tokens"], second["confidence"]) == (
+        first["text"], first["output_tokens"], first["confidence"],
+    )  # fmt: skip
+    assert second["timings"]["prefill"] == 0.0 and second["latency_ms"] < first["latency_ms"]
+    assert other_budget.json()["cached"] is False, "a different max_new_tokens is another answer"
+    assert [r["cached"] for r in sampled] == [False, False], "sampling is never cached"
+    after = _cache_lookups(url)
+    assert after.get("hit", 0) - before.get("hit", 0) == 1
+    assert after.get("miss", 0) - before.get("miss", 0) == 2
+
+
+def _exported_spans(bodies: list[bytes]) -> list[object]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    spans = []
+    for body in list(bodies):
+        request = ExportTraceServiceRequest.FromString(body)
+        spans += [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    return spans
+
+
+def test_request_phases_are_exported_as_opentelemetry_spans(
+    keyed: tuple[str, str], otlp_collector: tuple[str, list[bytes]]
+) -> None:
+    url, key = keyed
+    resp = httpx.post(
+        f"{url}/generate",
+        json={"prompt": "Q: what is 9 plus 9?\nA:", "max_new_tokens": 4},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+    request_id = resp.json()["request_id"]
+    deadline = time.monotonic() + 15
+    root = None
+    while root is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        spans = _exported_spans(otlp_collector[1])
+        root = next(
+            (
+                s
+                for s in spans
+                if s.name == "llm.request"
+                and any(
+                    a.key == "lockgate.request_id" and a.value.string_value == request_id
+                    for a in s.attributes
+                )
+            ),
+            None,
+        )
+    assert root is not None, f"no llm.request span for {request_id} reached the collector"
+    children = [s for s in spans if s.parent_span_id == root.span_id]
+    names = [s.name for s in sorted(children, key=lambda s: s.start_time_unix_nano)]
+    assert names[:6] == ["auth", "tokenize", "queue", "prefill", "decode", "postprocess"], names
+    assert all(s.trace_id == root.trace_id for s in children)
+    assert all(root.start_time_unix_nano <= s.start_time_unix_nano <= s.end_time_unix_nano for s in children)
+    assert all(s.end_time_unix_nano <= root.end_time_unix_nano for s in children)
+    prefill = next(s for s in children if s.name == "prefill")
+    assert prefill.end_time_unix_nano > prefill.start_time_unix_nano, "prefill took no time?"
+    attributes = {a.key: a.value for a in root.attributes}
+    assert attributes["gen_ai.usage.output_tokens"].int_value >= 1
+    assert attributes["http.response.status_code"].int_value == 200
 
 
 def _cost(url: str, customer: str) -> float:
