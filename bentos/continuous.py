@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 #: Tokens per KV-cache block. Small enough that a short request wastes little of its last block,
 #: large enough that the block table stays short.
 PAGE_SIZE = 64
+#: Most tokens one forward step processes (decode rows + prefill chunks). Bounds the step's activations
+#: and its attention mask (tokens x cached tokens): transformers' default of 8192 with a cache of 250k
+#: tokens asks for over 10 GB of mask alone. Longer prompts are prefilled in chunks over several steps.
+MAX_STEP_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class ContinuousEngine:
             page_size=PAGE_SIZE,
             num_blocks=self.shape.blocks,
             max_requests_per_batch=self.shape.max_requests,
+            max_batch_tokens=min(MAX_STEP_TOKENS, self.shape.cache_tokens),
             return_logprobs=True,  # the first token's probability is the response's confidence
             use_cuda_graph=cuda,
             # Keep the model's own attention implementation: sampling requests run plain generate on it.
@@ -108,6 +113,9 @@ class ContinuousEngine:
         manager = m.model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=config
         )
+        # Builds the batch processor and runs dummy batches (captures the CUDA graphs on a GPU), as
+        # transformers' own entry points do; starting without it failed every step on a Qwen2 model.
+        manager.warmup()
         manager.start()
         self._manager = manager
         logger.info(
@@ -251,9 +259,12 @@ class ContinuousEngine:
 
 
 def _check_vocabulary(ids: list[int], rows: int) -> None:
-    """A token id the embedding has no row for fails the whole decode step of every request in it
-    (tokenizer and model that do not match): refuse that one request before it joins."""
-    if ids and max(ids) >= rows:
+    """A request that would fail the whole decode step of every request in it is refused before it
+    joins: no tokens at all, or a token id the embedding has no row for (tokenizer and model that do
+    not match)."""
+    if not ids:
+        raise ValueError("prompt: encodes to no tokens (an empty prompt and a tokenizer without BOS)")
+    if max(ids) >= rows:
         raise IndexError(
             f"index out of range: prompt token id {max(ids)} >= the model's {rows} embedding rows "
             "(tokenizer and model do not match)"

@@ -1,0 +1,499 @@
+"""Issue 4's serving benchmark through the real service (``bentoml serve bentos.llm_service:LLMService``)
+over HTTP, at 1, 8 and 64 concurrent clients (closed loop: each client sends its next request when the
+last one is answered):
+
+* continuous: the service as shipped (greedy requests on the continuous-batching engine);
+* naive: the same service with ``engine: static`` and ``max_batch_size: 1`` (one ``generate`` per request);
+* static-64: ``engine: static``, ``max_batch_size: 64`` (whole-request batching, like BentoML's adaptive
+  batching for generation);
+* direct: the continuous engine called in-process with the same workload, no HTTP and no BentoML: the
+  service's overhead is 1 - continuous / direct.
+
+Streaming runs of the continuous service at 1 and 64 clients give the client-side TTFT and
+inter-token latency (time between streamed chunks). Workload (fixed seed): prompt lengths uniform in
+[128, 512] tokens, output lengths exponential with mean 128, capped at 512, greedy. The model has the
+shape of Qwen2-0.5B with random weights (bf16 on CUDA, fp32 on CPU) and a word-level tokenizer with one
+word per token id, so prompt lengths are exact; a random model rarely emits its EOS id.
+
+    python bench/bench_serving.py --only continuous,direct --json-out a.json   # one device call
+    python bench/bench_serving.py --only naive,static64 --json-out b.json      # another one
+    python bench/bench_serving.py --report a.json b.json --out reports/bench/serving-service-gpu.md
+
+On the 2-core CPU use ``--layers 2 --window-s 20`` (the demo-size run; see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+CLIENT_LEVELS = (1, 8, 64)
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+MAX_NEW = 512
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
+
+
+@dataclass
+class Workload:
+    """The same request sequence for every configuration (seeded)."""
+
+    vocab: int
+    seed: int = 7
+
+    def requests(self, client: int) -> list[tuple[str, int]]:
+        rng = random.Random(self.seed * 1000 + client)
+        out = []
+        for _ in range(400):
+            n_prompt = rng.randint(128, 512)
+            words = "".join(rng.choice(LETTERS) for _ in range(n_prompt))  # one token per letter
+            n_new = min(MAX_NEW, max(1, math.ceil(rng.expovariate(1 / 128))))
+            out.append((words, n_new))
+        return out
+
+
+@dataclass
+class LevelResult:
+    clients: int
+    window_s: float
+    tokens: int = 0
+    requests: int = 0
+    errors: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)  # per request: output / (latency - ttft)
+    context_tokens: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        s: dict[str, float] = {
+            "clients": self.clients,
+            "tokens_per_s": self.tokens / self.window_s,
+            "requests": self.requests,
+            "errors": self.errors,
+        }
+        if self.ttft_s:
+            s["ttft_ms_p50"] = 1000 * statistics.median(self.ttft_s)
+        if self.itl_s:
+            gaps = sorted(self.itl_s)
+            s["itl_ms_p50"] = 1000 * gaps[len(gaps) // 2]
+            s["itl_ms_p99"] = 1000 * gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))]
+        if self.decode_tok_s:
+            s["decode_tok_s_p50"] = statistics.median(self.decode_tok_s)
+            s["context_tokens_mean"] = statistics.mean(self.context_tokens)
+        return s
+
+
+# -- the model ----------------------------------------------------------------------------------------
+
+
+def build_model(folder: Path, layers: int | None) -> int:
+    """Random Qwen2-0.5B-shape model + a byte-level BPE tokenizer without merges (one token per byte, so
+    prompt lengths are exact; transformers loads it as Qwen2Tokenizer); returns the vocabulary size."""
+    import torch
+    from model_shapes import qwen2_05b_config
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    config = qwen2_05b_config(**overrides)
+    specials = ["<unk>", "<pad>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({f"w{i}": i for i in range(len(vocab), config.vocab_size)})
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = 2, 1, None
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 1
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return config.vocab_size
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+# -- the service ---------------------------------------------------------------------------------------
+
+
+def service_config(engine: str, max_batch_size: int) -> dict[str, object]:
+    return {
+        "engine": engine,
+        "max_batch_size": max_batch_size,
+        "max_latency_ms": 10,
+        "max_new_tokens": MAX_NEW,
+        "max_prompt_chars": 8192,
+        "timeout_s": 900,
+        "concurrency": 512,
+        "max_queue": 1024,
+        "warmup_requests": 2,
+    }
+
+
+CONFIGS = {
+    "continuous": service_config("continuous", 64),
+    "naive": service_config("static", 1),
+    "static64": service_config("static", 64),
+}
+
+
+@contextlib.contextmanager
+def serve(folder: Path, config: dict[str, object], workdir: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
+    env.update(
+        BENTOML_HOME=str(workdir / "bentoml"),
+        BENTOML_DO_NOT_TRACK="true",
+        LOCKGATE_MODEL_URI=str(folder),
+        LOCKGATE_MODEL_NAME="bench",
+        LOCKGATE_SERVICE_CONFIG=json.dumps(config),
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    log = (workdir / f"serve-{port}.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "bentos.llm_service:LLMService", "--host", "127.0.0.1",
+         "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"service exited {process.returncode}: see {log.name}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("service not ready in 600 s")
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+async def run_level_http(
+    url: str, workload: Workload, clients: int, window_s: float, stream: bool
+) -> LevelResult:
+    import httpx
+
+    result = LevelResult(clients, window_s)
+    end = time.perf_counter() + window_s
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+
+        async def one_client(index: int) -> None:
+            for prompt, n_new in workload.requests(index):
+                if time.perf_counter() >= end:
+                    return
+                body = {"prompt": prompt, "max_new_tokens": n_new}
+                started = time.perf_counter()
+                if stream:
+                    await _stream_one(client, url, body, started, end, result)
+                    continue
+                resp = await client.post(f"{url}/generate", json=body)
+                if resp.status_code != 200:
+                    result.errors += 1
+                    continue
+                data = resp.json()
+                if time.perf_counter() <= end:
+                    _count(result, data, started, len(prompt))
+
+        tasks = [asyncio.create_task(one_client(i)) for i in range(clients)]
+        await asyncio.sleep(window_s)
+        for task in tasks:
+            task.cancel()  # requests still running are not counted (their tokens came after the window)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return result
+
+
+def _count(result: LevelResult, data: dict, started: float, n_prompt: int) -> None:
+    result.requests += 1
+    result.tokens += data["output_tokens"]
+    latency = time.perf_counter() - started
+    ttft = (data.get("time_to_first_token_ms") or 0) / 1000
+    if data["output_tokens"] > 1 and latency > ttft:
+        result.decode_tok_s.append((data["output_tokens"] - 1) / max(1e-9, data["timings"]["decode"] / 1000))
+        result.context_tokens.append(n_prompt + data["output_tokens"] // 2)
+
+
+async def _stream_one(client, url: str, body: dict, started: float, end: float, result: LevelResult) -> None:
+    """TTFT and the gaps between streamed chunks; the tokens of a stream that ended inside the window are
+    its budget (a random model's EOS is one id in 151,936)."""
+    last = None
+    async with client.stream("POST", f"{url}/generate_stream", json=body) as resp:
+        if resp.status_code != 200:
+            result.errors += 1
+            return
+        async for chunk in resp.aiter_text():
+            now = time.perf_counter()
+            if not chunk:
+                continue
+            if last is None:
+                result.ttft_s.append(now - started)
+            else:
+                result.itl_s.append(now - last)
+            last = now
+    if last is not None and last <= end:
+        result.requests += 1
+        result.tokens += body["max_new_tokens"]
+
+
+async def drain(url: str, timeout_s: float = 120) -> None:
+    """Wait until the service runs nothing (requests cut at the end of a window still finish there)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.monotonic() < deadline:
+            cap = (await client.get(f"{url}/capacity")).json()
+            if cap.get("running", 0) == 0 and cap.get("waiting", 0) == 0:
+                return
+            await asyncio.sleep(0.5)
+
+
+# -- direct engine ------------------------------------------------------------------------------------
+
+
+async def run_level_direct(engine, workload: Workload, clients: int, window_s: float) -> LevelResult:
+    result = LevelResult(clients, window_s)
+    end = time.perf_counter() + window_s
+
+    async def one_client(index: int) -> None:
+        for prompt, n_new in workload.requests(index):
+            if time.perf_counter() >= end:
+                return
+            started = time.perf_counter()
+            gen = await engine.generate(prompt, n_new, ())
+            if time.perf_counter() <= end:
+                result.requests += 1
+                result.tokens += gen.output_tokens
+                if gen.output_tokens > 1 and gen.first_token_s:
+                    result.decode_tok_s.append((gen.output_tokens - 1) / (gen.latency_s - gen.first_token_s))
+                    result.context_tokens.append(len(prompt) + gen.output_tokens // 2)
+                _ = started
+
+    tasks = [asyncio.create_task(one_client(i)) for i in range(clients)]
+    await asyncio.sleep(window_s)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    while engine.in_flight:
+        await asyncio.sleep(0.1)
+    return result
+
+
+async def direct(folder: Path, workload: Workload, window_s: float) -> dict[str, dict]:
+    from bentos.continuous import ContinuousEngine, engine_shape
+    from bentos.kv_budget import free_memory_bytes, model_kv_shape, plan_budget
+    from bentos.runtime import load_model
+
+    cfg = CONFIGS["continuous"]
+    model = load_model(folder)
+    budget = plan_budget(
+        model_kv_shape(model.model), None, free_memory_bytes(model.device),
+        int(cfg["max_prompt_chars"]) + int(cfg["max_new_tokens"]),
+    )  # fmt: skip
+    engine = ContinuousEngine(model, engine_shape(64, budget.capacity_tokens, budget.max_context_tokens))
+    await asyncio.to_thread(engine.start)
+    await run_level_direct(engine, workload, 64, min(8.0, window_s))  # warm-up (graphs for many shapes)
+    rows = {}
+    for clients in CLIENT_LEVELS:
+        rows[f"direct, {clients} clients"] = (
+            await run_level_direct(engine, workload, clients, window_s)
+        ).summary()
+        print(rows[f"direct, {clients} clients"], flush=True)
+    await asyncio.to_thread(engine.stop)
+    return rows
+
+
+async def through_service(
+    name: str, folder: Path, workload: Workload, window_s: float, workdir: Path
+) -> dict:
+    rows: dict[str, dict] = {}
+    with serve(folder, CONFIGS[name], workdir) as url:
+        started = time.perf_counter()
+        if name == "continuous":
+            await run_level_http(url, workload, 64, min(8.0, window_s), stream=False)  # warm-up: graphs
+            await drain(url)
+        for clients in CLIENT_LEVELS:
+            rows[f"{name}, {clients} clients"] = (
+                await run_level_http(url, workload, clients, window_s, stream=False)
+            ).summary()
+            print(name, rows[f"{name}, {clients} clients"], flush=True)
+            if name == "continuous" or clients != CLIENT_LEVELS[-1]:
+                await drain(url)  # the last level of the others may leave a long queue: not waited for
+        if name == "continuous":
+            for clients in (1, 64):
+                key = f"{name} streamed, {clients} clients"
+                rows[key] = (await run_level_http(url, workload, clients, window_s, stream=True)).summary()
+                print(key, rows[key], flush=True)
+                await drain(url)
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return rows
+
+
+def machine() -> dict[str, str]:
+    import torch
+    import transformers
+    from machine_info import cpu_model
+
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({cpu_model()}, {os.cpu_count()} cores)"
+    )
+    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="continuous,direct,naive,static64")
+    parser.add_argument("--window-s", type=float, default=15.0)
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers (CPU runs)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lockgate-bench-serving"))
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--report", type=Path, nargs="*", help="merge these JSON results into --out")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.report:
+        write_report([json.loads(p.read_text()) for p in args.report], args.out)
+        return
+    folder = args.workdir / "model"
+    vocab = build_model(folder, args.layers)
+    workload = Workload(vocab)
+    results = {"machine": machine(), "window_s": args.window_s, "layers": args.layers or 24,
+               "weight_bytes": weight_bytes(folder), "rows": {}}  # fmt: skip
+    for name in args.only.split(","):
+        started = time.perf_counter()
+        try:
+            if name == "direct":
+                rows = asyncio.run(direct(folder, workload, args.window_s))
+            else:
+                rows = asyncio.run(through_service(name, folder, workload, args.window_s, args.workdir))
+        except Exception as exc:  # reported, not hidden: the other configurations still run
+            rows = {name: {"error": f"{type(exc).__name__}: {exc}"[:400]}}
+            print(name, "failed:", exc, flush=True)
+        results["rows"].update(rows)
+        print(f"{name} done in {time.perf_counter() - started:.0f} s", flush=True)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(results, indent=1))
+
+
+def write_report(parts: list[dict], out: Path) -> None:
+    rows: dict[str, dict] = {}
+    for part in parts:
+        rows.update(part["rows"])
+    first = parts[0]
+    layers, wbytes = first["layers"], first["weight_bytes"]
+    kv_per_token = layers * 2 * 64 * 2 * (2 if "CPU" not in first["machine"]["device"] else 4)
+
+    def tps(key: str) -> float | None:
+        return rows.get(key, {}).get("tokens_per_s")
+
+    lines = [
+        f"# Serving through the service on {first['machine']['device']}",
+        "",
+        f"torch {first['machine']['torch']}, transformers {first['machine']['transformers']}; "
+        f"random Qwen2-0.5B shape ({layers} layers), {wbytes / 1e9:.2f} GB of weights; "
+        "prompts U[128, 512] tokens, outputs "
+        f"Exp(mean 128) capped at 512, greedy; closed-loop clients, {first['window_s']:.0f} s per level. "
+        "`bench/bench_serving.py`.",
+        "",
+        "| configuration | clients | tokens/s | × naive (same clients) | × static-64 (same clients) | "
+        "TTFT p50 ms | ITL p50 ms | ITL p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {key} | – | – | – | – | – | – | – | {r['error']} |")
+            continue
+        c = int(r["clients"])
+        naive = tps(f"naive, {c} clients")
+        static = tps(f"static64, {c} clients")
+        cells = [
+            key, str(c), f"{r['tokens_per_s']:.0f}",
+            f"{r['tokens_per_s'] / naive:.1f}" if naive else "–",
+            f"{r['tokens_per_s'] / static:.2f}" if static else "–",
+            f"{r['ttft_ms_p50']:.0f}" if "ttft_ms_p50" in r else "–",
+            f"{r['itl_ms_p50']:.1f}" if "itl_ms_p50" in r else "–",
+            f"{r['itl_ms_p99']:.1f}" if "itl_ms_p99" in r else "–",
+            str(int(r["errors"])),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Goals", ""]
+    c64 = tps("continuous, 64 clients")
+    naive_top = tps("naive, 64 clients")
+    s64 = tps("static64, 64 clients")
+    if c64 and naive_top:
+        lines.append(f"- continuous / naive at 64 clients: {c64 / naive_top:.1f}× (goal ≥ 10×)")
+    if c64 and s64:
+        lines.append(f"- continuous / static-64 at 64 clients: {c64 / s64:.2f}× (goal ≥ 1.5×)")
+    for clients in CLIENT_LEVELS:
+        c, d = tps(f"continuous, {clients} clients"), tps(f"direct, {clients} clients")
+        if c and d:
+            overhead = 100 * (1 - c / d)
+            lines.append(
+                f"- service overhead at {clients} clients: {overhead:+.1f} % of the engine's tokens/s "
+                "(goal ≤ 10 %)"
+            )
+    s1, s64r = rows.get("continuous streamed, 1 clients", {}), rows.get("continuous streamed, 64 clients", {})
+    if "ttft_ms_p50" in s1 and "ttft_ms_p50" in s64r:
+        lines.append(
+            f"- streamed TTFT p50 at 64 / 1 clients: {s64r['ttft_ms_p50'] / s1['ttft_ms_p50']:.1f}× "
+            "(goal ≤ 5×)"
+        )
+    if "itl_ms_p99" in s1 and "itl_ms_p99" in s64r:
+        lines.append(
+            f"- streamed ITL p99 at 64 / 1 clients: {s64r['itl_ms_p99'] / s1['itl_ms_p99']:.1f}× (goal ≤ 3×)"
+        )
+    for key in ("continuous, 1 clients", "direct, 1 clients"):
+        r = rows.get(key, {})
+        if "decode_tok_s_p50" in r:
+            per_step = wbytes + kv_per_token * r["context_tokens_mean"]
+            frac = r["decode_tok_s_p50"] * per_step / HBM_BYTES_PER_S
+            rate = r["decode_tok_s_p50"]
+            lines.append(
+                f"- batch-1 decode ({key}): {rate:.0f} tok/s × {per_step / 1e9:.3f} GB/step "
+                f"= {100 * frac:.1f} % of 3.35 TB/s (goal ≥ 20 %)"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(parts, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
