@@ -340,7 +340,7 @@ async def direct(folder: Path, workload: Workload, window_s: float) -> dict[str,
 
 
 async def through_service(
-    name: str, folder: Path, workload: Workload, window_s: float, workdir: Path
+    name: str, folder: Path, workload: Workload, window_s: float, workdir: Path, levels: tuple[int, ...]
 ) -> dict:
     rows: dict[str, dict] = {}
     with serve(folder, CONFIGS[name], workdir) as url:
@@ -348,12 +348,12 @@ async def through_service(
         if name == "continuous":
             await run_level_http(url, workload, 64, min(8.0, window_s), stream=False)  # warm-up: graphs
             await drain(url)
-        for clients in CLIENT_LEVELS:
+        for clients in levels:
             rows[f"{name}, {clients} clients"] = (
                 await run_level_http(url, workload, clients, window_s, stream=False)
             ).summary()
             print(name, rows[f"{name}, {clients} clients"], flush=True)
-            if name == "continuous" or clients != CLIENT_LEVELS[-1]:
+            if name == "continuous" or clients != levels[-1]:
                 await drain(url)  # the last level of the others may leave a long queue: not waited for
         if name == "continuous":
             for clients in (1, 64):
@@ -383,6 +383,7 @@ def main() -> None:
     parser.add_argument("--only", default="continuous,direct,naive,static64")
     parser.add_argument("--window-s", type=float, default=15.0)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers (CPU runs)")
+    parser.add_argument("--levels", default="1,8,64", help="client counts of the service runs")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lockgate-bench-serving"))
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--report", type=Path, nargs="*", help="merge these JSON results into --out")
@@ -402,7 +403,10 @@ def main() -> None:
             if name == "direct":
                 rows = asyncio.run(direct(folder, workload, args.window_s))
             else:
-                rows = asyncio.run(through_service(name, folder, workload, args.window_s, args.workdir))
+                levels = tuple(int(n) for n in args.levels.split(","))
+                rows = asyncio.run(
+                    through_service(name, folder, workload, args.window_s, args.workdir, levels)
+                )
         except Exception as exc:  # reported, not hidden: the other configurations still run
             rows = {name: {"error": f"{type(exc).__name__}: {exc}"[:400]}}
             print(name, "failed:", exc, flush=True)
