@@ -418,8 +418,8 @@ def main() -> None:
 
 def write_report(parts: list[dict], out: Path) -> None:
     rows: dict[str, dict] = {}
-    for part in parts:
-        rows.update(part["rows"])
+    for part in parts:  # each part is one invocation (one window length)
+        rows.update({key: {**row, "window_s": part["window_s"]} for key, row in part["rows"].items()})
     first = parts[0]
     layers, wbytes = first["layers"], first["weight_bytes"]
     kv_per_token = layers * 2 * 64 * 2 * (2 if "CPU" not in first["machine"]["device"] else 4)
@@ -433,22 +433,23 @@ def write_report(parts: list[dict], out: Path) -> None:
         f"torch {first['machine']['torch']}, transformers {first['machine']['transformers']}; "
         f"random Qwen2-0.5B shape ({layers} layers), {wbytes / 1e9:.2f} GB of weights; "
         "prompts U[128, 512] tokens, outputs "
-        f"Exp(mean 128) capped at 512, greedy; closed-loop clients, {first['window_s']:.0f} s per level. "
+        "Exp(mean 128) capped at 512, greedy; closed-loop clients; tokens of requests finished inside the "
+        "measuring window. "
         "`bench/bench_serving.py`.",
         "",
-        "| configuration | clients | tokens/s | × naive (same clients) | × static-64 (same clients) | "
-        "TTFT p50 ms | ITL p50 ms | ITL p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| configuration | clients | window s | requests | tokens/s | × naive (same clients) | "
+        "× static-64 (same clients) | TTFT p50 ms | ITL p50 ms | ITL p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in rows.items():
         if "error" in r:
-            lines.append(f"| {key} | – | – | – | – | – | – | – | {r['error']} |")
+            lines.append(f"| {key} | – | – | – | – | – | – | – | – | – | {r['error']} |")
             continue
         c = int(r["clients"])
         naive = tps(f"naive, {c} clients")
         static = tps(f"static64, {c} clients")
         cells = [
-            key, str(c), f"{r['tokens_per_s']:.0f}",
+            key, str(c), f"{r['window_s']:.0f}", str(int(r["requests"])), f"{r['tokens_per_s']:.0f}",
             f"{r['tokens_per_s'] / naive:.1f}" if naive else "–",
             f"{r['tokens_per_s'] / static:.2f}" if static else "–",
             f"{r['ttft_ms_p50']:.0f}" if "ttft_ms_p50" in r else "–",
