@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 CLIENT_LEVELS = (1, 8, 64)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+QWEN_SHAPE = "random Qwen2-0.5B shape"
 MAX_NEW = 512
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 
@@ -54,16 +55,18 @@ HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 class Workload:
     """The same request sequence for every configuration (seeded)."""
 
-    vocab: int
+    prompt_range: tuple[int, int] = (128, 512)
+    mean_new: int = 128
+    max_new: int = MAX_NEW
     seed: int = 7
 
     def requests(self, client: int) -> list[tuple[str, int]]:
         rng = random.Random(self.seed * 1000 + client)
         out = []
         for _ in range(400):
-            n_prompt = rng.randint(128, 512)
+            n_prompt = rng.randint(*self.prompt_range)
             words = "".join(rng.choice(LETTERS) for _ in range(n_prompt))  # one token per letter
-            n_new = min(MAX_NEW, max(1, math.ceil(rng.expovariate(1 / 128))))
+            n_new = min(self.max_new, max(1, math.ceil(rng.expovariate(1 / self.mean_new))))
             out.append((words, n_new))
         return out
 
@@ -102,9 +105,9 @@ class LevelResult:
 # -- the model ----------------------------------------------------------------------------------------
 
 
-def build_model(folder: Path, layers: int | None) -> int:
+def build_model(folder: Path, layers: int | None) -> None:
     """Random Qwen2-0.5B-shape model + a byte-level BPE tokenizer without merges (one token per byte, so
-    prompt lengths are exact; transformers loads it as Qwen2Tokenizer); returns the vocabulary size."""
+    prompt lengths are exact; transformers loads it as Qwen2Tokenizer)."""
     import torch
     from model_shapes import qwen2_05b_config
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -129,7 +132,10 @@ def build_model(folder: Path, layers: int | None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return config.vocab_size
+
+
+def _layers(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
 
 
 def weight_bytes(folder: Path) -> int:
@@ -139,12 +145,13 @@ def weight_bytes(folder: Path) -> int:
 # -- the service ---------------------------------------------------------------------------------------
 
 
-def service_config(engine: str, max_batch_size: int) -> dict[str, object]:
+def service_config(engine: str, max_batch_size: int, max_new: int, step_tokens: int) -> dict[str, object]:
     return {
         "engine": engine,
         "max_batch_size": max_batch_size,
+        "max_step_tokens": step_tokens,
         "max_latency_ms": 10,
-        "max_new_tokens": MAX_NEW,
+        "max_new_tokens": max_new,
         "max_prompt_chars": 8192,
         "timeout_s": 900,
         "concurrency": 512,
@@ -153,11 +160,12 @@ def service_config(engine: str, max_batch_size: int) -> dict[str, object]:
     }
 
 
-CONFIGS = {
-    "continuous": service_config("continuous", 64),
-    "naive": service_config("static", 1),
-    "static64": service_config("static", 64),
-}
+def configs(max_new: int, step_tokens: int) -> dict[str, dict[str, object]]:
+    return {
+        "continuous": service_config("continuous", 64, max_new, step_tokens),
+        "naive": service_config("static", 1, max_new, step_tokens),
+        "static64": service_config("static", 64, max_new, step_tokens),
+    }
 
 
 @contextlib.contextmanager
@@ -315,18 +323,20 @@ async def run_level_direct(engine, workload: Workload, clients: int, window_s: f
     return result
 
 
-async def direct(folder: Path, workload: Workload, window_s: float) -> dict[str, dict]:
+async def direct(
+    folder: Path, workload: Workload, window_s: float, cfg: dict[str, object]
+) -> dict[str, dict]:
     from bentos.continuous import ContinuousEngine, engine_shape
     from bentos.kv_budget import free_memory_bytes, model_kv_shape, plan_budget
     from bentos.runtime import load_model
 
-    cfg = CONFIGS["continuous"]
     model = load_model(folder)
     budget = plan_budget(
         model_kv_shape(model.model), None, free_memory_bytes(model.device),
-        int(cfg["max_prompt_chars"]) + int(cfg["max_new_tokens"]),
+        int(cfg["max_prompt_chars"]) + int(cfg["max_new_tokens"]),  # capped at the model positions
     )  # fmt: skip
-    engine = ContinuousEngine(model, engine_shape(64, budget.capacity_tokens, budget.max_context_tokens))
+    shape = engine_shape(64, budget.capacity_tokens, budget.max_context_tokens, int(cfg["max_step_tokens"]))
+    engine = ContinuousEngine(model, shape)
     await asyncio.to_thread(engine.start)
     await run_level_direct(engine, workload, 64, min(8.0, window_s))  # warm-up (graphs for many shapes)
     rows = {}
@@ -340,10 +350,16 @@ async def direct(folder: Path, workload: Workload, window_s: float) -> dict[str,
 
 
 async def through_service(
-    name: str, folder: Path, workload: Workload, window_s: float, workdir: Path, levels: tuple[int, ...]
+    name: str,
+    folder: Path,
+    workload: Workload,
+    window_s: float,
+    workdir: Path,
+    levels: tuple[int, ...],
+    config: dict[str, object],
 ) -> dict:
     rows: dict[str, dict] = {}
-    with serve(folder, CONFIGS[name], workdir) as url:
+    with serve(folder, config, workdir) as url:
         started = time.perf_counter()
         if name == "continuous":
             await run_level_http(url, workload, 64, min(8.0, window_s), stream=False)  # warm-up: graphs
@@ -384,6 +400,11 @@ def main() -> None:
     parser.add_argument("--window-s", type=float, default=15.0)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers (CPU runs)")
     parser.add_argument("--levels", default="1,8,64", help="client counts of the service runs")
+    parser.add_argument("--step-tokens", type=int, default=2048, help="continuous engine: tokens per step")
+    parser.add_argument("--model-dir", type=Path, help="serve this model folder instead of the Qwen shape")
+    parser.add_argument("--prompt-range", default="128,512", help="prompt tokens, uniform in [lo, hi]")
+    parser.add_argument("--mean-new", type=int, default=128)
+    parser.add_argument("--max-new", type=int, default=MAX_NEW)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lockgate-bench-serving"))
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--report", type=Path, nargs="*", help="merge these JSON results into --out")
@@ -392,20 +413,27 @@ def main() -> None:
     if args.report:
         write_report([json.loads(p.read_text()) for p in args.report], args.out)
         return
-    folder = args.workdir / "model"
-    vocab = build_model(folder, args.layers)
-    workload = Workload(vocab)
-    results = {"machine": machine(), "window_s": args.window_s, "layers": args.layers or 24,
-               "weight_bytes": weight_bytes(folder), "rows": {}}  # fmt: skip
+    folder = args.model_dir or args.workdir / "model"
+    if args.model_dir is None:
+        build_model(folder, args.layers)
+    lo, hi = (int(n) for n in args.prompt_range.split(","))
+    workload = Workload((lo, hi), args.mean_new, args.max_new)
+    configurations = configs(args.max_new, args.step_tokens)
+    results = {"machine": machine(), "window_s": args.window_s, "layers": _layers(folder),
+               "weight_bytes": weight_bytes(folder), "model": str(args.model_dir or QWEN_SHAPE),
+               "workload": {"prompt_tokens": [lo, hi], "mean_new": args.mean_new, "max_new": args.max_new},
+               "step_tokens": args.step_tokens, "rows": {}}  # fmt: skip
     for name in args.only.split(","):
         started = time.perf_counter()
         try:
             if name == "direct":
-                rows = asyncio.run(direct(folder, workload, args.window_s))
+                rows = asyncio.run(direct(folder, workload, args.window_s, configurations["continuous"]))
             else:
                 levels = tuple(int(n) for n in args.levels.split(","))
                 rows = asyncio.run(
-                    through_service(name, folder, workload, args.window_s, args.workdir, levels)
+                    through_service(
+                        name, folder, workload, args.window_s, args.workdir, levels, configurations[name]
+                    )
                 )
         except Exception as exc:  # reported, not hidden: the other configurations still run
             rows = {name: {"error": f"{type(exc).__name__}: {exc}"[:400]}}
@@ -422,6 +450,8 @@ def write_report(parts: list[dict], out: Path) -> None:
         rows.update({key: {**row, "window_s": part["window_s"]} for key, row in part["rows"].items()})
     first = parts[0]
     layers, wbytes = first["layers"], first["weight_bytes"]
+    work = first.get("workload", {"prompt_tokens": [128, 512], "mean_new": 128, "max_new": MAX_NEW})
+    lo, hi = work["prompt_tokens"]
     kv_per_token = layers * 2 * 64 * 2 * (2 if "CPU" not in first["machine"]["device"] else 4)
 
     def tps(key: str) -> float | None:
@@ -431,10 +461,10 @@ def write_report(parts: list[dict], out: Path) -> None:
         f"# Serving through the service on {first['machine']['device']}",
         "",
         f"torch {first['machine']['torch']}, transformers {first['machine']['transformers']}; "
-        f"random Qwen2-0.5B shape ({layers} layers), {wbytes / 1e9:.2f} GB of weights; "
-        "prompts U[128, 512] tokens, outputs "
-        "Exp(mean 128) capped at 512, greedy; closed-loop clients; tokens of requests finished inside the "
-        "measuring window. "
+        f"{first.get('model', QWEN_SHAPE)} ({layers} layers), {wbytes / 1e9:.3f} GB of weights; prompts "
+        f"U[{lo}, {hi}] tokens, outputs Exp(mean {work['mean_new']}) capped at {work['max_new']}, greedy; "
+        f"continuous engine {first.get('step_tokens', 2048)} tokens per step; closed-loop clients; tokens of "
+        "requests finished inside the measuring window. "
         "`bench/bench_serving.py`.",
         "",
         "| configuration | clients | window s | requests | tokens/s | × naive (same clients) | "

@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 #: Tokens per KV-cache block. Small enough that a short request wastes little of its last block,
 #: large enough that the block table stays short.
 PAGE_SIZE = 64
-#: Most tokens one forward step processes (decode rows + prefill chunks). Bounds the step's activations
-#: and its attention mask (tokens x cached tokens): transformers' default of 8192 with a cache of 250k
-#: tokens asks for over 10 GB of mask alone. Longer prompts are prefilled in chunks over several steps.
+#: Default for the most tokens one forward step processes (decode rows + prefill chunks). Bounds the
+#: step's activations and its attention mask (tokens x cached tokens): transformers' default of 8192 with
+#: a cache of 250k tokens asks for over 10 GB of mask alone. Longer prompts are prefilled in chunks over
+#: several steps; smaller steps keep running requests' inter-token latency lower while prompts arrive.
 MAX_STEP_TOKENS = 2048
 
 
@@ -45,6 +46,7 @@ class EngineShape:
 
     max_requests: int
     cache_tokens: int
+    step_tokens: int = MAX_STEP_TOKENS
 
     @property
     def blocks(self) -> int:
@@ -52,12 +54,13 @@ class EngineShape:
         return math.ceil(self.cache_tokens / PAGE_SIZE) + self.max_requests
 
 
-def engine_shape(max_batch_size: int, capacity_tokens: int, max_context_tokens: int) -> EngineShape:
+def engine_shape(
+    max_batch_size: int, capacity_tokens: int, max_context_tokens: int, step_tokens: int = MAX_STEP_TOKENS
+) -> EngineShape:
     """The cache holds what the admission lets in (``capacity_tokens`` reserved at most), but never
     more than ``max_batch_size`` full-context requests: requests queued inside the engine hold no blocks."""
-    return EngineShape(
-        max_batch_size, max(PAGE_SIZE, min(capacity_tokens, max_batch_size * max_context_tokens))
-    )
+    cache = max(PAGE_SIZE, min(capacity_tokens, max_batch_size * max_context_tokens))
+    return EngineShape(max_batch_size, cache, min(step_tokens, cache))
 
 
 class ContinuousEngine:
@@ -104,7 +107,7 @@ class ContinuousEngine:
             page_size=PAGE_SIZE,
             num_blocks=self.shape.blocks,
             max_requests_per_batch=self.shape.max_requests,
-            max_batch_tokens=min(MAX_STEP_TOKENS, self.shape.cache_tokens),
+            max_batch_tokens=self.shape.step_tokens,
             return_logprobs=True,  # the first token's probability is the response's confidence
             use_cuda_graph=cuda,
             # Keep the model's own attention implementation: sampling requests run plain generate on it.

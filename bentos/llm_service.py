@@ -127,6 +127,12 @@ class ServiceConfig(BaseModel):
     response_cache: ResponseCacheConfig = Field(
         default_factory=ResponseCacheConfig, description="Cache of greedy answers (bentos/response_cache.py)."
     )
+    max_step_tokens: int = Field(
+        2048,
+        ge=16,
+        le=65_536,
+        description="Continuous engine: most tokens (decode + prefill) per forward step.",
+    )
     engine: Literal["continuous", "static"] = Field(
         "continuous",
         description="continuous: greedy requests join the running batch between decode steps "
@@ -1125,7 +1131,9 @@ class LLMService:
         cfg = self.settings.config
         if cfg.engine != "continuous":
             return None
-        shape = engine_shape(cfg.max_batch_size, budget.capacity_tokens, budget.max_context_tokens)
+        shape = engine_shape(
+            cfg.max_batch_size, budget.capacity_tokens, budget.max_context_tokens, cfg.max_step_tokens
+        )
         engine = ContinuousEngine(model, shape, on_join=self.accounting.metrics.batch_size.observe)
         try:
             await asyncio.to_thread(engine.start)

@@ -514,6 +514,14 @@ class BatchingSpec(StrictModel):
         description="continuous: greedy requests join the running batch between decode steps "
         "(iteration-level batching); static: whole requests are batched, like BentoML's adaptive batching.",
     )
+    max_step_tokens: int = Field(
+        2048,
+        ge=16,
+        le=65_536,
+        description="Continuous engine: most tokens one forward step processes (running requests' next "
+        "tokens + chunks of new prompts). Smaller: lower inter-token latency while prompts arrive; larger: "
+        "prompts prefilled in fewer steps (lower time to first token).",
+    )
 
 
 class CapacitySpec(StrictModel):

@@ -57,6 +57,7 @@ def service_config(spec: PackageSpec) -> dict[str, object]:
         "max_batch_size": spec.batching.max_batch_size,
         "max_latency_ms": spec.batching.max_latency_ms,
         "engine": spec.batching.engine,
+        "max_step_tokens": spec.batching.max_step_tokens,
         "max_prompt_chars": spec.limits.max_prompt_chars,
         "max_new_tokens": spec.limits.max_new_tokens,
         "timeout_s": spec.limits.timeout_s,

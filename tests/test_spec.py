@@ -122,7 +122,7 @@ def test_typo_under_a_gate_suggests_the_key() -> None:
 def test_unknown_key_without_a_close_match_lists_the_allowed_keys() -> None:
     assert problems_of(MINIMAL + "    package:\n      batching: {zzz: 1}\n") == [
         "p.yaml:12:18: pipelines.demo.package.batching.zzz: "
-        "unknown key 'zzz'; allowed: max_batch_size, max_latency_ms, engine",
+        "unknown key 'zzz'; allowed: max_batch_size, max_latency_ms, engine, max_step_tokens",
     ]
 
 
