@@ -31,12 +31,12 @@ import json
 import math
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,15 +60,14 @@ class Workload:
     max_new: int = MAX_NEW
     seed: int = 7
 
-    def requests(self, client: int) -> list[tuple[str, int]]:
+    def requests(self, client: int) -> Iterator[tuple[str, int]]:
+        """Client ``client``'s endless request sequence (the same for every configuration)."""
         rng = random.Random(self.seed * 1000 + client)
-        out = []
-        for _ in range(400):
+        while True:
             n_prompt = rng.randint(*self.prompt_range)
             words = "".join(rng.choice(LETTERS) for _ in range(n_prompt))  # one token per letter
             n_new = min(self.max_new, max(1, math.ceil(rng.expovariate(1 / self.mean_new))))
-            out.append((words, n_new))
-        return out
+            yield words, n_new
 
 
 @dataclass
@@ -204,12 +203,9 @@ def serve(folder: Path, config: dict[str, object], workdir: Path):
             raise RuntimeError("service not ready in 600 s")
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        from bentos.processes import stop_service
+
+        stop_service(process, timeout_s=30)
 
 
 async def run_level_http(
@@ -413,6 +409,7 @@ def main() -> None:
     if args.report:
         write_report([json.loads(p.read_text()) for p in args.report], args.out)
         return
+    args.workdir.mkdir(parents=True, exist_ok=True)
     folder = args.model_dir or args.workdir / "model"
     if args.model_dir is None:
         build_model(folder, args.layers)

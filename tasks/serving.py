@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from bentos.processes import stop_service
 from tasks.errors import StageFailed
 from tasks.log import get_logger
 from tasks.settings import export_environment, get_settings
@@ -25,37 +26,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def process_descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, children before grandchildren (from /proc; Linux only)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # exited while we looked
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def kill_service_tree(leader: int) -> list[int]:
-    """SIGKILL a ``bentoml serve`` and everything it started; returns the pids killed.
-
-    Its worker runs in a session of its own (circus calls setsid): killing the leader's process
-    group alone leaves the worker serving. So the workers are found first, then the leader dies
-    first (nothing respawns them), then each worker."""
-    tree = process_descendants(leader)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(leader, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return [leader, *tree]
 
 
 @dataclass
@@ -72,15 +42,7 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
     def stop(self, timeout_s: float = 15) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            # A hung graceful stop: the SIGKILL must reach the worker too (its own session).
-            kill_service_tree(self.process.pid)
-            self.process.wait(5)
+        stop_service(self.process, timeout_s)
 
     def __enter__(self) -> ServiceProcess:
         return self

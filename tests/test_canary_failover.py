@@ -21,11 +21,11 @@ import httpx
 import mlflow
 import pytest
 
+from bentos.processes import kill_service_tree
 from flows.spec import CanarySpec
 from tasks import registry, release_lock
 from tasks.canary import canary_task, run_steps
 from tasks.replay import FailoverRouter
-from tasks.serving import kill_service_tree
 
 
 class _Answer(BaseHTTPRequestHandler):

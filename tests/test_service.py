@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bentos.processes import stop_service
 from bentos.request_log import RequestLog
 from bentos.runtime import load_model, weights_size_bytes
 
@@ -89,13 +89,7 @@ def serve(model_dir: Path, workdir: Path, config: str) -> Iterator[Server]:
         _wait_ready(server, started)
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
+        stop_service(process)
 
 
 def _wait_ready(server: Server, started: float) -> None:

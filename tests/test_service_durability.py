@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from bentos.processes import kill_service_tree
 from bentos.request_log import RequestLog
-from tasks.serving import kill_service_tree, launch_service, wait_ready
+from tasks.serving import launch_service, wait_ready
 
 CLIENTS = 4
 KILL_AFTER_ANSWERS = 30
