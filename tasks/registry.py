@@ -106,8 +106,16 @@ def set_tags(ref: ModelVersionRef, tags: dict[str, str]) -> None:
 
 
 def version_in_stage(name: str, stage: str) -> ModelVersionRef | None:
-    with _quiet():
-        versions = _client().get_latest_versions(name, stages=[stage])
+    """The version of ``name`` in ``stage``, if any; RegistryError when no model has that name."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with _quiet():
+            versions = _client().get_latest_versions(name, stages=[stage])
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model named {name!r}") from exc
+        raise
     if len(versions) > 1:
         raise RegistryError(f"{name}: {len(versions)} versions in {stage}; expected at most one")
     return ModelVersionRef(name, str(versions[0].version)) if versions else None

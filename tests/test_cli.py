@@ -169,3 +169,6 @@ def test_promote_and_rollback_to_a_version(tiny_llm_dir: Path, tracking: str) ->
         "3": "Archived",
     }
     assert registry.describe_version(v3).tags[registry.TAG_REASON] == "both bad"
+    unknown = _cli("rollback", f"{name}-missing", "--reason", "typo")
+    assert unknown.returncode != 0
+    assert unknown.stderr.strip() == f"no registered model named '{name}-missing'", unknown.stderr
