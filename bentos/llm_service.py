@@ -61,7 +61,7 @@ from bentos.kv_budget import (
     model_kv_shape,
     plan_budget,
 )
-from bentos.model_resolver import calibration_temperature, resolve_model_dir
+from bentos.model_resolver import resolve_model_dir
 from bentos.request_log import RequestLog, RequestRow, Status, hash_user
 from bentos.response_cache import CachedAnswer, ResponseCacheConfig, build_cache, cache_key
 from bentos.tracing import TracingConfig, build_tracer
@@ -1098,7 +1098,7 @@ class LLMService:
             # Pin first: the label is the registry version, and a floating URI is read only once.
             pinned = await asyncio.to_thread(pin_version, uri)
             version, uri = pinned.version, f"models:/{pinned.name}/{pinned.version}"
-            temperature = await asyncio.to_thread(calibration_temperature, pinned)
+            temperature = pinned.calibration_temperature
         folder = await asyncio.to_thread(resolve_model_dir, uri)
         model = await asyncio.to_thread(load_model, folder)
         model.calibration_temperature = temperature
@@ -1244,7 +1244,7 @@ class LLMService:
                     self._swap_in(await self._load(f"models:/{pinned.name}/{pinned.version}"))
                 elif self.served is not None:
                     # A recalibration re-tags the served version: apply it without reloading.
-                    temperature = await asyncio.to_thread(calibration_temperature, pinned)
+                    temperature = pinned.calibration_temperature
                     if temperature != self.served.model.calibration_temperature:
                         logger.info("calibration temperature of v%s now %.3f", pinned.version, temperature)
                         self.served.model.calibration_temperature = temperature

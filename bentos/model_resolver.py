@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _STAGES = {"production", "staging", "archived", "none"}
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<ref>[^/]+)|@(?P<alias>[^/]+))$")
@@ -31,14 +32,15 @@ CALIBRATION_TAG = "lockgate.calibration.temperature"
 class PinnedVersion:
     name: str
     version: str
+    #: The version's fitted calibration temperature (tag ``CALIBRATION_TAG``) when it was pinned; 1.0
+    #: when it has none. Read from the same registry answer as the version: one call per poll.
+    calibration_temperature: float = 1.0
 
-
-def calibration_temperature(pinned: PinnedVersion) -> float:
-    """The version's fitted calibration temperature, 1.0 when it has none (or a bad value)."""
-    from mlflow import MlflowClient
-
-    value = MlflowClient().get_model_version(pinned.name, pinned.version).tags.get(CALIBRATION_TAG)
-    return parse_temperature(value)
+    @classmethod
+    def of(cls, name: str, model_version: Any) -> PinnedVersion:
+        """From an MLflow ``ModelVersion``."""
+        tags = getattr(model_version, "tags", None) or {}
+        return cls(name, str(model_version.version), parse_temperature(tags.get(CALIBRATION_TAG)))
 
 
 def parse_temperature(value: str | None) -> float:
@@ -64,16 +66,16 @@ def pin_version(uri: str) -> PinnedVersion:
     client = MlflowClient()
     try:
         if alias:
-            return PinnedVersion(name, str(client.get_model_version_by_alias(name, alias).version))
+            return PinnedVersion.of(name, client.get_model_version_by_alias(name, alias))
         if ref and ref.isdigit():
-            return PinnedVersion(name, str(client.get_model_version(name, ref).version))
+            return PinnedVersion.of(name, client.get_model_version(name, ref))
         if ref and ref.lower() in _STAGES:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 versions = client.get_latest_versions(name, stages=[ref.capitalize()])
             if not versions:
                 raise ModelResolveError(f"{uri}: no version of {name} is in stage {ref.capitalize()}")
-            return PinnedVersion(name, str(versions[0].version))
+            return PinnedVersion.of(name, versions[0])
     except MlflowException as exc:
         raise ModelResolveError(f"{uri}: {exc.message}") from exc
     raise ModelResolveError(f"{uri}: {ref!r} is neither a version number nor a stage")
