@@ -142,6 +142,7 @@ class ContinuousEngine:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         request_id = self._request_id()
+        self._admit()
 
         def on_output(output: Any) -> None:
             if done.done():
@@ -190,6 +191,15 @@ class ContinuousEngine:
     def _request_id(self) -> str:
         return f"lockgate-{next(self._ids)}"
 
+    def _admit(self) -> None:
+        """Count a request in before its first await: a hot swap's ``drain_and_stop`` then waits for it
+        (counted inside ``_run``, a request that captured this engine just before the swap could find it
+        stopped). ``_run`` counts it out, however it ends."""
+        if self._stopped:
+            raise RuntimeError("continuous-batching engine is stopped")
+        self._in_flight += 1
+        self._on_join(self._in_flight)
+
     async def _run(
         self,
         request_id: str,
@@ -199,12 +209,11 @@ class ContinuousEngine:
         done: asyncio.Future[Any],
         streaming: bool,
     ) -> Any:
-        _check_vocabulary(ids, self._vocab_rows)
-        manager = await self._running_manager()
-        manager.register_result_handler(request_id, on_output)
-        self._in_flight += 1
-        self._on_join(self._in_flight)
+        """Run one admitted request (see ``_admit``) to its end."""
         try:
+            _check_vocabulary(ids, self._vocab_rows)
+            manager = await self._running_manager()
+            manager.register_result_handler(request_id, on_output)
             added = manager.add_request(
                 ids,
                 request_id=request_id,
@@ -291,6 +300,7 @@ class ContinuousStream(TokenStream):
         ids = engine.model.tokenizer(prompt)["input_ids"]
         self._prompt_tokens = len(ids)
         self._request_id = engine._request_id()
+        engine._admit()
         self._seen = 0
         self._logprobs: list[float] = []
         loop = asyncio.get_running_loop()

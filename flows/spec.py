@@ -508,7 +508,13 @@ class ResourcesSpec(StrictModel):
 
 class BatchingSpec(StrictModel):
     max_batch_size: int = Field(8, ge=1, le=1024, description="Requests decoded together.")
-    max_latency_ms: int = Field(50, ge=1, le=60_000, description="Longest wait to fill a batch.")
+    max_latency_ms: int = Field(
+        50,
+        ge=1,
+        le=60_000,
+        description="Longest wait to fill a whole-request batch (engine static, and sampling requests); "
+        "the continuous engine never waits: a request joins at the next decode step.",
+    )
     engine: Literal["continuous", "static"] = Field(
         "continuous",
         description="continuous: greedy requests join the running batch between decode steps "

@@ -130,3 +130,16 @@ def test_out_of_vocabulary_prompt_is_refused_alone(engine: ContinuousEngine) -> 
 
         _check_vocabulary([1, 2, 10_000], rows=300)
     assert asyncio.run(engine.generate(PROMPTS[1], 3, ())).output_tokens >= 1
+
+
+def test_a_stream_started_just_before_a_hot_swap_finishes(engine: ContinuousEngine) -> None:
+    """The swap's drain must wait for a stream whose engine task has not started yet."""
+
+    async def run() -> tuple[str, object]:
+        stream = engine.stream(PROMPTS[2], 6, ())
+        await engine.drain_and_stop()  # the hot swap retires this engine right away
+        return "".join(await asyncio.to_thread(list, stream)), stream.generation
+
+    text, generation = asyncio.run(run())
+    assert text and generation is not None and generation.output_tokens >= 1
+    assert not engine.alive

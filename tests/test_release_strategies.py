@@ -54,7 +54,9 @@ GOOD_PROMPTS = [
 BAD_PROMPTS = ["Q: what is 3 plus 4?\nA:", "Q: what is 12 plus 7?\nA:"]  # contain BPE merges
 PROMPTS = GOOD_PROMPTS + BAD_PROMPTS
 FAST = '{"max_latency_ms": 1, "warmup_requests": 1}'
-SLOW = '{"max_latency_ms": 40, "warmup_requests": 1}'
+# Slow by waiting 40 ms for a micro-batch to fill: whole-request batching, since the continuous engine
+# never waits for others.
+SLOW = '{"engine": "static", "max_latency_ms": 40, "warmup_requests": 1}'
 
 
 def _partial_vocab_copy(source: Path, target: Path) -> Path:
