@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,3 +56,31 @@ def test_check_gates_uses_named_metrics() -> None:
     )
     assert [(r.metric, r.passed) for r in results] == [("size_bytes", True), ("latency_p95_ms", True)]
     assert "size_bytes max_ratio 0.5: observed 0.3" in results[0].message
+
+
+def test_baseline_quality_is_computed_once_per_baseline_and_rows(
+    tiny_llm_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every candidate of a release is compared with the same baseline on the same rows: its quality
+    is computed once and reused (greedy outputs and teacher-forced scores are deterministic)."""
+    import logging
+
+    import pandas as pd
+
+    from flows.spec import EvaluateSpec
+    from tasks import evaluate
+
+    rows = pd.DataFrame({"prompt": [f"Q: what is {i} plus 1?\nA:" for i in range(4)], "answer": ["1"] * 4})
+    spec = EvaluateSpec(max_samples=4, latency_prompts=5, warmup=0, gates={})
+    evaluate._BASELINE_QUALITY.clear()
+    with caplog.at_level(logging.INFO, logger="lockgate"):
+        first = evaluate.evaluate_pair(tiny_llm_dir, tiny_llm_dir, rows, spec)
+        second = evaluate.evaluate_pair(tiny_llm_dir, tiny_llm_dir, rows, spec)
+    reused = [r for r in caplog.records if "reused from an earlier candidate" in r.getMessage()]
+    assert len(reused) == 1 and len(evaluate._BASELINE_QUALITY) == 1
+    for name in ("perplexity", "accuracy", "ece"):
+        assert getattr(second.baseline, name) == getattr(first.baseline, name)
+        # The candidate (the same weights, computed afresh) agrees with the cached baseline.
+        assert getattr(second.candidate, name) == pytest.approx(getattr(first.baseline, name))
+    evaluate.evaluate_pair(tiny_llm_dir, tiny_llm_dir, rows.head(3), spec)  # other rows: computed anew
+    assert len(evaluate._BASELINE_QUALITY) == 2
