@@ -299,7 +299,6 @@ async def run_level_direct(engine, workload: Workload, clients: int, window_s: f
         for prompt, n_new in workload.requests(index):
             if time.perf_counter() >= end:
                 return
-            started = time.perf_counter()
             gen = await engine.generate(prompt, n_new, ())
             if time.perf_counter() <= end:
                 result.requests += 1
@@ -307,7 +306,6 @@ async def run_level_direct(engine, workload: Workload, clients: int, window_s: f
                 if gen.output_tokens > 1 and gen.first_token_s:
                     result.decode_tok_s.append((gen.output_tokens - 1) / (gen.latency_s - gen.first_token_s))
                     result.context_tokens.append(len(prompt) + gen.output_tokens // 2)
-                _ = started
 
     tasks = [asyncio.create_task(one_client(i)) for i in range(clients)]
     await asyncio.sleep(window_s)

@@ -55,7 +55,6 @@ from bentos.feature_flags import FeatureFlags, apply_service_flags
 from bentos.kv_budget import (
     KVAdmission,
     KVBudget,
-    KVShape,
     QueueFull,
     free_memory_bytes,
     model_kv_shape,
@@ -1168,7 +1167,7 @@ class LLMService:
             batcher.swap_model(model)
         self.served = Served(model, batcher, version, loaded.engine)
         self.accounting.serving_version = version
-        self._apply_kv_budget(loaded.budget, model_kv_shape(model.model))
+        self._apply_kv_budget(loaded.budget)
         if old is not None:
             logger.info("hot swap: now serving v%s (was v%s)", version, old.version)
             if old.engine is not None:
@@ -1187,10 +1186,11 @@ class LLMService:
             cfg.max_prompt_chars + cfg.max_new_tokens,
         )
 
-    def _apply_kv_budget(self, budget: KVBudget, shape: KVShape) -> None:
+    def _apply_kv_budget(self, budget: KVBudget) -> None:
         """Admit requests against ``budget``. On a hot swap, reservations of requests still running
         stay counted."""
         cfg = self.settings.config
+        shape = budget.shape
         if self.admission is None:
             self.admission = KVAdmission(budget.capacity_tokens, cfg.max_queue, on_change=self._note_load)
         else:
