@@ -1,8 +1,8 @@
 """Canary analysis on simulated canaries: detection delay, false rollbacks, sequential vs fixed window.
 
 No servers: each request's error, latency, output length and emptiness are drawn from distributions,
-and the canary runs through the production step logic (``tasks.canary.run_steps`` with sticky routing,
-extensions and the analyzer), so what is measured is what `lockgate run` decides.
+and the canary runs through the production step logic (``tasks.release.canary_strategy.run_steps``:
+sticky routing, extensions and the analyzer), so what is measured is what `lockgate run` decides.
 
 1. Detection delay — canary requests until rollback — for error rate 1 % -> 5 %, 1 % -> 50 % and
    latency +25 %, over ``--runs`` seeded canaries (median, p90, detection rate).
@@ -36,9 +36,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from flows.spec import CanarySpec  # noqa: E402
-from tasks.canary import run_steps  # noqa: E402
-from tasks.canary_analysis import CanaryAnalyzer, Outcome, Target  # noqa: E402
+from lockgate.flows.spec import CanarySpec  # noqa: E402
+from lockgate.tasks.release.analysis import CanaryAnalyzer, Outcome, Target  # noqa: E402
+from lockgate.tasks.release.canary_strategy import run_steps  # noqa: E402
 
 #: The bench's plan: the default shares, 100 canary requests per step (500 at most without extensions).
 PLAN = {

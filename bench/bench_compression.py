@@ -41,11 +41,11 @@ import torch  # noqa: E402
 from machine_info import cpu_model  # noqa: E402
 from model_shapes import qwen2_05b_config  # noqa: E402
 
-from bentos.runtime import LoadedModel, load_model, weights_size_bytes  # noqa: E402
-from flows.spec import QuantizeStep  # noqa: E402
-from tasks.compression import quantize  # noqa: E402
-from tasks.compression.base import StepContext  # noqa: E402
-from tasks.compression.sensitivity import perplexity  # noqa: E402
+from lockgate.bentos.runtime import LoadedModel, load_model, weights_size_bytes  # noqa: E402
+from lockgate.flows.spec import QuantizeStep  # noqa: E402
+from lockgate.tasks.compression import quantize  # noqa: E402
+from lockgate.tasks.compression.base import StepContext  # noqa: E402
+from lockgate.tasks.compression.sensitivity import perplexity  # noqa: E402
 
 VARIANTS: dict[str, QuantizeStep | None] = {
     "fp32": None,
@@ -232,8 +232,8 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
 
-    from tasks.demo_corpus import demo_dataset
-    from tasks.demo_model import ensure_demo_model
+    from lockgate.tasks.demo.corpus import demo_dataset
+    from lockgate.tasks.demo.model import ensure_demo_model
 
     demo = ensure_demo_model(Path(os.environ.get("LOCKGATE_DEMO_CACHE", REPO / ".lockgate" / "demo-cache")))
     calibration = tuple(demo_dataset("calibration")["prompt"])

@@ -48,8 +48,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from model_shapes import qwen2_05b_config  # noqa: E402
 
-from tasks.compression import distill, prune, recover  # noqa: E402
-from tasks.compression.base import StepContext  # noqa: E402
+from lockgate.tasks.compression import distill, prune, recover  # noqa: E402
+from lockgate.tasks.compression.base import StepContext  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "reports" / "bench" / "distill-cpu.md"
 DEMO_CACHE = REPO_ROOT / ".lockgate" / "demo-cache"
@@ -235,7 +235,7 @@ def perplexity(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]]) 
 
 
 def quality(models: dict[str, torch.nn.Module], tokenizer, pairs: list[tuple[str, str]]) -> list[str]:
-    from tasks.demo_model import exact_match
+    from lockgate.tasks.demo.model import exact_match
 
     lines = ["| variant | exact match | perplexity |", "|---|---:|---:|"]
     for name, model in models.items():
@@ -245,7 +245,7 @@ def quality(models: dict[str, torch.nn.Module], tokenizer, pairs: list[tuple[str
 
 
 def demo_context(parent_dir: Path) -> StepContext:
-    from tasks.demo_corpus import demo_dataset
+    from lockgate.tasks.demo.corpus import demo_dataset
 
     train = demo_dataset("train")
     return StepContext(
@@ -258,7 +258,7 @@ def demo_context(parent_dir: Path) -> StepContext:
 def distil_demo(context: StepContext, steps: int, work: Path) -> tuple[torch.nn.Module, dict]:
     from transformers import AutoModelForCausalLM
 
-    from flows.spec import DistillStep
+    from lockgate.flows.spec import DistillStep
 
     step = DistillStep(layers_ratio=0.5, steps=steps, batch_size=16, lr=1e-3, temperature=4.0)
     outcome = distill.apply(context.parent, work / "student", step, context)
@@ -271,7 +271,7 @@ def recover_demo(
     """LoRA on every projection of a pruned variant, merged (the prune -> recover recipe)."""
     from transformers import AutoModelForCausalLM
 
-    from flows.spec import RecoverStep
+    from lockgate.flows.spec import RecoverStep
 
     folder = work / f"pruned-{id(pruned)}"
     pruned.save_pretrained(folder)
@@ -348,8 +348,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.demo_corpus import demo_dataset
-    from tasks.demo_model import ensure_demo_model
+    from lockgate.tasks.demo.corpus import demo_dataset
+    from lockgate.tasks.demo.model import ensure_demo_model
 
     started = time.perf_counter()
     report = ["# Distilled and pruned models vs their parent — CPU benchmark", "", "## Machine", ""]

@@ -7,7 +7,7 @@ Prints, and writes as markdown to reports/bench/monitoring-cpu.md (with the mach
      of --repeats; goal (issue 6) <= 15 s on 2 cores. Also the offline text descriptors of --rows
      prompts (tasks/request_window.text_descriptors), which the monitor computes before the report;
   2. the per-request monitoring overhead in the service: ``RequestLog.append`` (one committed SQLite
-     WAL row) and the whole ``Accounting.finish`` of bentos/llm_service.py (row + Prometheus metrics +
+     WAL row) and the whole ``Accounting.finish`` of bentos/accounting.py (row + Prometheus metrics +
      JSON log line), against the latency of a real ``LoadedModel.generate`` (bentos/runtime.py) of a
      small random Llama on CPU — a deliberately fast model, so the ratio is a worst case; goal < 1 %.
 
@@ -99,9 +99,9 @@ def bench_drift(rows: int, repeats: int) -> DriftTiming:
     import evidently  # noqa: F401  (import timed on its own: a scheduled monitor pays it once per run)
 
     import_s = time.perf_counter() - started
-    from flows.spec import DriftSpec
-    from tasks.monitor import evidently_drift
-    from tasks.request_window import text_descriptors
+    from lockgate.flows.spec import DriftSpec
+    from lockgate.tasks.monitor import evidently_drift
+    from lockgate.tasks.monitoring.window import text_descriptors
 
     reference, current = drift_frames(rows)
     spec = DriftSpec()
@@ -199,7 +199,7 @@ def bench_overhead(requests: int, generations: int, new_tokens: int) -> Overhead
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", "")  # single-process prometheus_client
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        from bentos.request_log import RequestLog, RequestRow
+        from lockgate.bentos.request_log import RequestLog, RequestRow
 
         log = RequestLog(Path(tmp) / "requests.sqlite")
 
@@ -235,15 +235,15 @@ def bench_overhead(requests: int, generations: int, new_tokens: int) -> Overhead
         log.close()
 
         # The whole per-request accounting of the service (row + metrics + JSON line), as it runs there.
-        os.environ["LOCKGATE_REQUEST_LOG"] = str(Path(tmp) / "service.sqlite")
-        from bentos import llm_service
+        from lockgate.bentos.accounting import Accounting, RequestRecord
+        from lockgate.bentos.config import ServiceEnv
 
         logging.getLogger("lockgate.requests").handlers = [logging.NullHandler()]
         logging.getLogger("lockgate.requests").propagate = False
-        accounting = llm_service.Accounting(llm_service.ServiceSettings.from_env())
+        accounting = Accounting(ServiceEnv(request_log=Path(tmp) / "service.sqlite"))
         finish: list[float] = []
         for _ in range(requests):
-            record = llm_service.RequestRecord(uuid.uuid4().hex, "generate", time.perf_counter())
+            record = RequestRecord(uuid.uuid4().hex, "generate", time.perf_counter())
             record.claimed, record.status = True, "ok"
             record.prompt_chars, record.prompt_tokens, record.output_tokens = 42, 12, 16
             t0 = time.perf_counter()
@@ -251,7 +251,7 @@ def bench_overhead(requests: int, generations: int, new_tokens: int) -> Overhead
             finish.append((time.perf_counter() - t0) * 1000)
         accounting.request_log.close()
 
-        from bentos.runtime import load_model
+        from lockgate.bentos.runtime import load_model
 
         model = load_model(tiny_model(Path(tmp) / "model"), device="cpu")
         prompt = "Q: what is 12 plus 7?"

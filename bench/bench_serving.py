@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from lockgate.bentos.config import ModelUri, ServiceConfig, ServiceEnv  # noqa: E402
+
 CLIENT_LEVELS = (1, 8, 64)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 QWEN_SHAPE = "random Qwen2-0.5B shape"
@@ -144,22 +146,28 @@ def weight_bytes(folder: Path) -> int:
 # -- the service ---------------------------------------------------------------------------------------
 
 
-def service_config(engine: str, max_batch_size: int, max_new: int, step_tokens: int) -> dict[str, object]:
-    return {
-        "engine": engine,
-        "max_batch_size": max_batch_size,
-        "max_step_tokens": step_tokens,
-        "max_latency_ms": 10,
-        "max_new_tokens": max_new,
-        "max_prompt_chars": 8192,
-        "timeout_s": 900,
-        "concurrency": 512,
-        "max_queue": 1024,
-        "warmup_requests": 2,
-    }
+def service_config(engine: str, max_batch_size: int, max_new: int, step_tokens: int) -> ServiceConfig:
+    return ServiceConfig.model_validate(
+        {
+            "batching": {
+                "engine": engine,
+                "max_batch_size": max_batch_size,
+                "max_step_tokens": step_tokens,
+                "max_latency_ms": 10,
+            },
+            "limits": {
+                "max_new_tokens": max_new,
+                "max_prompt_chars": 8192,
+                "timeout_s": 900,
+                "concurrency": 512,
+            },
+            "capacity": {"max_queue": 1024},
+            "warmup_requests": 2,
+        }
+    )
 
 
-def configs(max_new: int, step_tokens: int) -> dict[str, dict[str, object]]:
+def configs(max_new: int, step_tokens: int) -> dict[str, ServiceConfig]:
     return {
         "continuous": service_config("continuous", 64, max_new, step_tokens),
         "naive": service_config("static", 1, max_new, step_tokens),
@@ -168,22 +176,21 @@ def configs(max_new: int, step_tokens: int) -> dict[str, dict[str, object]]:
 
 
 @contextlib.contextmanager
-def serve(folder: Path, config: dict[str, object], workdir: Path):
+def serve(folder: Path, config: ServiceConfig, workdir: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
+    service = ServiceEnv(model_uri=ModelUri.folder(folder), model_name="bench", config=config)
+    env = service.process_env(os.environ)
     env.update(
         BENTOML_HOME=str(workdir / "bentoml"),
         BENTOML_DO_NOT_TRACK="true",
-        LOCKGATE_MODEL_URI=str(folder),
-        LOCKGATE_MODEL_NAME="bench",
-        LOCKGATE_SERVICE_CONFIG=json.dumps(config),
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
     )
     log = (workdir / f"serve-{port}.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "bentos.llm_service:LLMService", "--host", "127.0.0.1",
+        [sys.executable, "-m", "bentoml", "serve", "lockgate.bentos.llm_service:LLMService",
+         "--host", "127.0.0.1",
          "--port", str(port)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -203,7 +210,7 @@ def serve(folder: Path, config: dict[str, object], workdir: Path):
             raise RuntimeError("service not ready in 600 s")
         yield url
     finally:
-        from bentos.processes import stop_service
+        from lockgate.bentos.processes import stop_service
 
         stop_service(process, timeout_s=30)
 
@@ -317,19 +324,17 @@ async def run_level_direct(engine, workload: Workload, clients: int, window_s: f
     return result
 
 
-async def direct(
-    folder: Path, workload: Workload, window_s: float, cfg: dict[str, object]
-) -> dict[str, dict]:
-    from bentos.continuous import ContinuousEngine, engine_shape
-    from bentos.kv_budget import free_memory_bytes, model_kv_shape, plan_budget
-    from bentos.runtime import load_model
+async def direct(folder: Path, workload: Workload, window_s: float, cfg: ServiceConfig) -> dict[str, dict]:
+    from lockgate.bentos.continuous import ContinuousEngine, engine_shape
+    from lockgate.bentos.kv_budget import free_memory_bytes, model_kv_shape, plan_budget
+    from lockgate.bentos.runtime import load_model
 
     model = load_model(folder)
     budget = plan_budget(
         model_kv_shape(model.model), None, free_memory_bytes(model.device),
-        int(cfg["max_prompt_chars"]) + int(cfg["max_new_tokens"]),  # capped at the model positions
+        cfg.limits.max_prompt_chars + cfg.limits.max_new_tokens,  # capped at the model positions
     )  # fmt: skip
-    shape = engine_shape(64, budget.capacity_tokens, budget.max_context_tokens, int(cfg["max_step_tokens"]))
+    shape = engine_shape(64, budget.capacity_tokens, budget.max_context_tokens, cfg.batching.max_step_tokens)
     engine = ContinuousEngine(model, shape)
     await asyncio.to_thread(engine.start)
     await run_level_direct(engine, workload, 64, min(8.0, window_s))  # warm-up (graphs for many shapes)
@@ -350,7 +355,7 @@ async def through_service(
     window_s: float,
     workdir: Path,
     levels: tuple[int, ...],
-    config: dict[str, object],
+    config: ServiceConfig,
 ) -> dict:
     rows: dict[str, dict] = {}
     with serve(folder, config, workdir) as url:

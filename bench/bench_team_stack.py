@@ -62,7 +62,8 @@ def _spec(folder: Path, name: str) -> Path:
 
 def _cli(env: dict[str, str], *args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "lockgate.flows.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True,
         timeout=timeout, check=False,
     )  # fmt: skip
     if done.returncode not in (0, 3):  # 3: rejected / rolled back — still a complete run
@@ -148,13 +149,13 @@ def compress_child(runner: str) -> None:
     os.environ["LOCKGATE_TASK_RUNNER"] = "threads" if runner.startswith("threads") else runner
     from prefect import flow
 
-    from flows.spec import CandidateSpec, ModelSpec
-    from tasks.compress import compress_task
-    from tasks.compression.base import StepContext
-    from tasks.model_source import resolve_parent
-    from tasks.settings import export_environment, get_settings
-    from tasks.task_runners import release_task_runner
-    from tasks.tracking import configure_tracking
+    from lockgate.flows.spec import CandidateSpec, ModelSpec
+    from lockgate.tasks.compress import compress_task
+    from lockgate.tasks.compression.base import StepContext
+    from lockgate.tasks.model_source import resolve_parent
+    from lockgate.tasks.platform.settings import export_environment, get_settings
+    from lockgate.tasks.platform.task_runners import release_task_runner
+    from lockgate.tasks.platform.tracking import configure_tracking
 
     settings = get_settings()
     export_environment(settings)

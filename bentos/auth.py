@@ -4,21 +4,29 @@ The key file (``LOCKGATE_API_KEYS_FILE``) is JSON::
 
     {"keys": [{"customer": "team-a", "sha256": "<hex of sha256(key)>", "rate_per_s": 5, "burst": 10}]}
 
-Only hashes are stored, so the file can be read by operators without revealing keys;
-``lockgate keys add`` writes entries and prints the key once. Without a key file the service is
-open (development); with one, every request needs ``Authorization: Bearer <key>``.
+Only hashes are stored; the file is still written readable by its owner only (0600).
+``lockgate keys add`` writes entries (under ``LOCKGATE_HOME``) and prints the key once. Without a key
+file the service is open (development, loopback only: ``lockgate serve`` refuses to bind another address
+without keys); with one, every request needs ``Authorization: Bearer <key>``.
+
+Requests without a valid key are rate-limited too, per client address (:data:`UNKNOWN_KEY_RATE_PER_S`):
+guessing keys gets 429 with Retry-After, not an endless stream of cheap 401s.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lockgate.bentos.config import API_KEYS_FILE_VARIABLE
 
 
 def hash_key(key: str) -> str:
@@ -66,6 +74,13 @@ class Admission:
     error: str = ""
 
 
+#: Requests with a missing or unknown key that one client address may make (sustained, and at once).
+UNKNOWN_KEY_RATE_PER_S = 1.0
+UNKNOWN_KEY_BURST = 10.0
+#: Client addresses whose failed attempts are remembered (the oldest are forgotten beyond it).
+MAX_TRACKED_CLIENTS = 10_000
+
+
 class KeyStore:
     """Verifies bearer keys (constant-time against stored hashes) and applies their rate limits."""
 
@@ -73,6 +88,7 @@ class KeyStore:
         self._keys = keys
         self._buckets = {k.sha256: TokenBucket(k.rate_per_s, k.burst, k.burst) for k in keys}
         self._lock = threading.Lock()
+        self._unknown: dict[str, TokenBucket] = {}  # client address -> its failed-attempt bucket
 
     @classmethod
     def from_file(cls, path: Path) -> KeyStore:
@@ -89,21 +105,48 @@ class KeyStore:
                 for e in entries
             ]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"LOCKGATE_API_KEYS_FILE {path}: not a valid key file ({exc})") from exc
+            raise ValueError(f"{API_KEYS_FILE_VARIABLE} {path}: not a valid key file ({exc})") from exc
         for key in keys:
             if key.rate_per_s <= 0 or key.burst < 1:
                 raise ValueError(
-                    f"LOCKGATE_API_KEYS_FILE {path}: {key.customer}: rate_per_s > 0 and burst >= 1"
+                    f"{API_KEYS_FILE_VARIABLE} {path}: {key.customer}: rate_per_s > 0 and burst >= 1"
                 )
         return cls(keys)
 
-    def admit(self, authorization: str | None) -> Admission:
+    def customer(self, authorization: str | None) -> str | None:
+        """The customer of a valid bearer key (no rate limit taken), else None."""
         if not authorization or not authorization.startswith("Bearer "):
-            return Admission(401, None, error="missing 'Authorization: Bearer <key>' header")
+            return None
+        digest = hash_key(authorization.removeprefix("Bearer ").strip())
+        match = next((k for k in self._keys if hmac.compare_digest(k.sha256, digest)), None)
+        return None if match is None else match.customer
+
+    def _refuse(self, client: str | None, error: str) -> Admission:
+        """401 for a missing or unknown key; 429 once ``client`` has failed too often."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._unknown.pop(client or "?", None) or TokenBucket(
+                UNKNOWN_KEY_RATE_PER_S, UNKNOWN_KEY_BURST, UNKNOWN_KEY_BURST, now
+            )
+            self._unknown[client or "?"] = bucket  # re-inserted: the dict keeps most recent last
+            while len(self._unknown) > MAX_TRACKED_CLIENTS:
+                del self._unknown[next(iter(self._unknown))]
+            wait = bucket.take(now)
+        if wait > 0:
+            return Admission(
+                429, None, retry_after_s=wait, error=f"too many requests without a valid key; {error}"
+            )
+        return Admission(401, None, error=error)
+
+    def admit(self, authorization: str | None, client: str | None = None) -> Admission:
+        """Check a bearer key and take one request from its rate; ``client`` (its address) rate-limits
+        requests without a valid key."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return self._refuse(client, "missing 'Authorization: Bearer <key>' header")
         digest = hash_key(authorization.removeprefix("Bearer ").strip())
         match = next((k for k in self._keys if hmac.compare_digest(k.sha256, digest)), None)
         if match is None:
-            return Admission(401, None, error="unknown API key")
+            return self._refuse(client, "unknown API key")
         with self._lock:
             wait = self._buckets[match.sha256].take()
         if wait > 0:
@@ -122,6 +165,20 @@ def add_key(path: Path, customer: str, rate_per_s: float, burst: float) -> str:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.unlink(missing_ok=True)
+    # Created 0600 (not chmod-ed after the write): the hashes are never readable by others, even briefly.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(payload, indent=2))
     tmp.replace(path)
     return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another name: may resolve to anything

@@ -52,3 +52,41 @@ def plain_transcript(turns: list[dict[str, str]]) -> str:
     """``role: content`` per line, then ``assistant:`` for the model to continue."""
     lines = [f"{turn['role']}: {turn['content']}" for turn in turns]
     return "\n".join([*lines, "assistant:"])
+
+
+PromptFormat = Literal["auto", "chat", "completion"]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def uses_chat(tokenizer: Any, prompt_format: PromptFormat) -> bool:
+    """Whether ``prompt_format`` means the chat template for this tokenizer (auto: when it has one)."""
+    if prompt_format == "chat" and not has_chat_template(tokenizer):
+        raise ChatTemplateError("format: chat, but the model's tokenizer has no chat template")
+    return prompt_format == "chat" or (prompt_format == "auto" and has_chat_template(tokenizer))
+
+
+def render_prompt(
+    tokenizer: Any,
+    prompt: str,
+    prompt_format: PromptFormat = "auto",
+    few_shot: tuple[tuple[str, str], ...] = (),
+    system: str | None = None,
+) -> str:
+    """The text the model continues for one dataset row, in evaluation, canary traffic and replay alike.
+
+    chat: ``[system], (user: example, assistant: answer)…, user: prompt`` rendered by
+    :func:`render_chat` - exactly what the service renders for a ``messages`` request with those turns.
+    completion: few-shot examples as ``"prompt answer"`` blocks (a blank line after each), then the
+    prompt (and no system text).
+    """
+    if uses_chat(tokenizer, prompt_format):
+        turns = [ChatMessage(role="system", content=system)] if system else []
+        for question, answer in few_shot:
+            turns.append(ChatMessage(role="user", content=question))
+            turns.append(ChatMessage(role="assistant", content=answer))
+        return render_chat(tokenizer, [*turns, ChatMessage(role="user", content=prompt)])
+    shots = "".join(f"{question} {answer}\n\n" for question, answer in few_shot)
+    return shots + prompt

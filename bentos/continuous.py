@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from bentos.runtime import Generation, LoadedModel, SamplingParams, TokenStream, calibrated
+from lockgate.bentos.runtime import Generation, LoadedModel, SamplingParams, TokenStream, calibrated
 
 logger = logging.getLogger(__name__)
 

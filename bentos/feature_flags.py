@@ -56,7 +56,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-FLAGS_FILE_ENV = "LOCKGATE_FEATURE_FLAGS_FILE"
+from lockgate.bentos.config import feature_flags_file
+
 logger = logging.getLogger("lockgate.feature_flags")
 
 
@@ -161,9 +162,10 @@ class FeatureFlags:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> FeatureFlags | None:
-        """Flags from ``LOCKGATE_FEATURE_FLAGS_FILE``; None when it is not set."""
-        value = (env if env is not None else os.environ).get(FLAGS_FILE_ENV)
-        return cls(Path(value)) if value else None
+        """Flags from the file the service environment names (``ServiceEnv.feature_flags_file``); None
+        when it names none."""
+        path = feature_flags_file(env if env is not None else os.environ)
+        return cls(path) if path else None
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:

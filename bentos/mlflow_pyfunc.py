@@ -15,7 +15,7 @@ from mlflow.pyfunc import PythonModel
 
 class LockgateLLM(PythonModel):
     def load_context(self, context) -> None:
-        from bentos.runtime import load_model
+        from lockgate.bentos.runtime import load_model
 
         self._lm = load_model(Path(context.artifacts["model"]))
 

@@ -8,7 +8,6 @@ transition is seen on the next resolve, and each version's files are downloaded 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -16,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_STAGES = {"production", "staging", "archived", "none"}
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<ref>[^/]+)|@(?P<alias>[^/]+))$")
+from lockgate.bentos.config import ModelUri, ModelUriError, model_cache_dir
 
 
 class ModelResolveError(RuntimeError):
@@ -52,33 +50,38 @@ def parse_temperature(value: str | None) -> float:
     return temperature if 0.01 <= temperature <= 100 else 1.0
 
 
-def pin_version(uri: str) -> PinnedVersion:
+def _parse(uri: ModelUri | str) -> ModelUri:
+    try:
+        return uri if isinstance(uri, ModelUri) else ModelUri.parse(uri)
+    except ModelUriError as exc:
+        raise ModelResolveError(str(exc)) from exc
+
+
+def pin_version(uri: ModelUri | str) -> PinnedVersion:
     """The concrete registry version a ``models:/`` URI points at right now."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    match = _REGISTRY_URI.match(uri)
-    if not match:
+    parsed = _parse(uri)
+    if not parsed.is_registry:
         raise ModelResolveError(
             f"{uri}: expected models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS"
         )
-    name, ref, alias = match["name"], match["ref"], match["alias"]
+    name, ref = parsed.name, parsed.ref
     client = MlflowClient()
     try:
-        if alias:
-            return PinnedVersion.of(name, client.get_model_version_by_alias(name, alias))
-        if ref and ref.isdigit():
+        if parsed.kind == "alias":
+            return PinnedVersion.of(name, client.get_model_version_by_alias(name, ref))
+        if parsed.kind == "version":
             return PinnedVersion.of(name, client.get_model_version(name, ref))
-        if ref and ref.lower() in _STAGES:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                versions = client.get_latest_versions(name, stages=[ref.capitalize()])
-            if not versions:
-                raise ModelResolveError(f"{uri}: no version of {name} is in stage {ref.capitalize()}")
-            return PinnedVersion.of(name, versions[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            versions = client.get_latest_versions(name, stages=[ref.capitalize()])
+        if not versions:
+            raise ModelResolveError(f"{uri}: no version of {name} is in stage {ref.capitalize()}")
+        return PinnedVersion.of(name, versions[0])
     except MlflowException as exc:
         raise ModelResolveError(f"{uri}: {exc.message}") from exc
-    raise ModelResolveError(f"{uri}: {ref!r} is neither a version number nor a stage")
 
 
 def _find_model_folder(root: Path) -> Path:
@@ -99,7 +102,8 @@ def download_version(pinned: PinnedVersion, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=cache_dir))
     try:
-        mlflow.artifacts.download_artifacts(f"models:/{pinned.name}/{pinned.version}", dst_path=str(staging))
+        uri = str(ModelUri.version(pinned.name, pinned.version))
+        mlflow.artifacts.download_artifacts(uri, dst_path=str(staging))
         os.replace(staging, target)  # atomic: a crash never leaves a half-downloaded cache entry
     except OSError:
         if not target.is_dir():  # another process won the race: use its copy
@@ -110,14 +114,15 @@ def download_version(pinned: PinnedVersion, cache_dir: Path) -> Path:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LOCKGATE_MODEL_CACHE", Path(tempfile.gettempdir()) / "lockgate-models"))
+    return model_cache_dir(os.environ) or Path(tempfile.gettempdir()) / "lockgate-models"
 
 
-def resolve_model_dir(uri: str, cache_dir: Path | None = None) -> Path:
+def resolve_model_dir(uri: ModelUri | str, cache_dir: Path | None = None) -> Path:
     """Local folder holding config.json + weights + tokenizer for ``uri``."""
-    if uri.startswith("models:/"):
-        return download_version(pin_version(uri), cache_dir or default_cache_dir())
-    folder = Path(uri).expanduser()
+    parsed = _parse(uri)
+    if parsed.is_registry:
+        return download_version(pin_version(parsed), cache_dir or default_cache_dir())
+    folder = parsed.path
     if not (folder / "config.json").is_file():
         raise ModelResolveError(f"{uri}: not a model folder (no config.json)")
     return folder

@@ -1,9 +1,9 @@
 """Per-phase latency breakdown of a running LLM service (exercise 9.8; ``lockgate profile``).
 
-Sends N ``POST /generate`` requests and splits each one's client-side time into the phases the
-service reports in its ``Server-Timing`` header (auth, tokenize, queue, prefill, decode, postprocess,
-total) plus ``network`` = client time - server total (connection, HTTP parsing, BentoML's routing and
-body validation, and the wire itself). Prints p50/p99 per phase.
+Sends N ``POST /generate`` (or ``/v1/chat/completions``) requests and splits each one's client-side
+time into the phases the service reports in its ``Server-Timing`` header (auth, tokenize, queue,
+prefill, decode, postprocess, total) plus ``network`` = client time - server total (connection, HTTP
+parsing, BentoML's routing and body validation, and the wire itself). Prints p50/p99 per phase.
 
 A client only (httpx); it lives in ``bentos`` so the profile and the service agree on phase names.
 """
@@ -14,9 +14,12 @@ import concurrent.futures
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 
+#: What is profiled: ``/generate``, or the OpenAI API's ``/v1/chat/completions``.
+Endpoint = Literal["generate", "chat"]
 PHASES = ("network", "auth", "tokenize", "queue", "prefill", "decode", "postprocess")
 DEFAULT_PROMPTS = (
     "Q: what is 3 plus 4?\nA:",
@@ -98,16 +101,26 @@ def profile(
     prompts: tuple[str, ...] = DEFAULT_PROMPTS,
     api_key: str | None = None,
     timeout_s: float = 120.0,
+    endpoint: Endpoint = "generate",
 ) -> Profile:
-    """Send ``n`` requests (``concurrency`` at a time) to ``url``/generate and collect their phases."""
+    """Send ``n`` requests (``concurrency`` at a time) to ``url``/generate (or, ``endpoint`` "chat",
+    ``/v1/chat/completions`` with each prompt as one user message) and collect their phases."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     result = Profile()
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s) as client:
+        model = _served_model(client) if endpoint == "chat" else ""
 
         def one(i: int) -> Sample:
-            body = {"prompt": prompts[i % len(prompts)], "max_new_tokens": max_new_tokens}
+            prompt = prompts[i % len(prompts)]
+            path, body = "/generate", {"prompt": prompt, "max_new_tokens": max_new_tokens}
+            if endpoint == "chat":
+                messages = [{"role": "user", "content": prompt}]
+                path, body = (
+                    "/v1/chat/completions",
+                    {"model": model, "messages": messages, "max_tokens": max_new_tokens},
+                )
             started = time.perf_counter()
-            response = client.post("/generate", json=body)
+            response = client.post(path, json=body)
             client_ms = (time.perf_counter() - started) * 1000.0
             if response.status_code != 200:
                 request_id = response.headers.get("x-request-id", "?")
@@ -126,6 +139,14 @@ def profile(
                 except (ProfileError, httpx.HTTPError) as exc:
                     result.failures.append(str(exc))
     return result
+
+
+def _served_model(client: httpx.Client) -> str:
+    """The model id the service lists at /v1/models (what an OpenAI client names in ``model``)."""
+    response = client.get("/v1/models")
+    if response.status_code != 200:
+        raise ProfileError(f"GET /v1/models: HTTP {response.status_code} {response.text[:200]}")
+    return str(response.json()["data"][0]["id"])
 
 
 def format_table(result: Profile) -> str:

@@ -11,6 +11,11 @@ Linear ``<name>`` the safetensors file holds, instead of ``<name>.weight``:
 * ``<name>.zero_point``: int8 of the scale's shape, asymmetric schemes only;
 * ``<name>.input_scale`` / ``<name>.input_zero_point``: the calibrated activation range (static mode).
 
+Dynamic mode quantizes activations at run time either per batch (``activations: per_tensor``: one
+grid for every token of the call) or per token (``per_token``, the default since a real model's
+outlier tokens, e.g. SmolLM2's ``down_proj`` inputs near 3,000 on a few tokens, crush every other
+token of a shared grid). Files written before the field existed load as ``per_tensor``.
+
 The weight is ``scale · (q − zero_point)``. ``lockgate_quant.json`` records each layer's scheme and
 the tied (aliased) tensors. Loading rebuilds the same modules from the same integers, so a reloaded
 model gives bit-identical logits. Nothing here imports ``flows`` or ``tasks`` (bentos are
@@ -36,6 +41,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 Granularity = Literal["per_tensor", "per_channel", "group"]
 Mode = Literal["weight_only", "dynamic", "static"]
+ActivationGranularity = Literal["per_tensor", "per_token"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class QuantScheme:
     granularity: Granularity = "per_channel"
     group_size: int = 32
     mode: Mode = "weight_only"
+    #: Dynamic mode's activation grid: one per call (per_tensor) or one per token row (per_token).
+    activations: ActivationGranularity = "per_token"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -155,8 +163,10 @@ class QuantLinear(nn.Module):
     Forward paths, chosen once from the scheme (``prepare``):
 
     * INT8 symmetric per-channel/per-tensor ``dynamic``: fbgemm's dynamic quantized linear
-      (``torch.ao.nn.quantized.dynamic.Linear``) with a per-channel qint8 weight built from exactly
-      these integers: activations are quantized per batch and the matmul runs in int8 (VNNI/AVX2).
+      (``torch.ops.quantized.linear_dynamic``) with a per-channel qint8 weight built from exactly
+      these integers; the matmul runs in int8 (VNNI/AVX2). fbgemm picks one uint8 grid per call;
+      ``per_token`` first scales every token row to unit max-abs and multiplies the output rows back
+      (the Linear is linear), which gives every token its own grid at the cost of one pass over x.
     * everything else: the weight is dequantized at each call and multiplied in float (``static``
       first rounds the input to its calibrated uint8 grid). That saves memory and disk, not time.
     """
@@ -219,7 +229,7 @@ class QuantLinear(nn.Module):
             self._set_fast(_fbgemm_dynamic_linear(self))
         return self
 
-    def _set_fast(self, kernel: nn.Module | None) -> None:
+    def _set_fast(self, kernel: torch.ScriptObject | None) -> None:
         # Kept out of nn.Module's registry: derived from the buffers, so never saved in the state dict.
         object.__setattr__(self, "_fast", kernel)
 
@@ -231,13 +241,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast is not None and x.dtype == torch.float32:
-            return self._fast(x)
+            return self._forward_fbgemm(x)
         if self.input_scale is not None:
             x = torch.fake_quantize_per_tensor_affine(
                 x.float(), self.input_scale.float(), self.input_zero_point.int(), 0, 255
             ).to(x.dtype)
         elif self.scheme.mode == "dynamic":
-            x = _fake_quant_dynamic(x)
+            x = _fake_quant_dynamic(x, self.scheme.activations)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.scheme.bits == 4:
             return self._forward_int4(x, bias)
@@ -246,6 +256,17 @@ class QuantLinear(nn.Module):
             y = F.linear(x, self.int_weight().to(x.dtype)) * self.scale.reshape(-1).to(x.dtype)
             return y if bias is None else y + bias
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _forward_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range=False: the full uint8 grid (torch.ao's module passes True, 7 bits, to avoid
+        # int16 saturation on pre-VNNI CPUs; its error measured on SmolLM2 is in reports/).
+        if self.scheme.activations == "per_tensor":
+            y = torch.ops.quantized.linear_dynamic(x, self._fast, reduce_range=False)
+        else:
+            row_scale = token_scales(x)
+            y = torch.ops.quantized.linear_dynamic(x / row_scale, self._fast, reduce_range=False)
+            y = y.mul_(row_scale)
+        return y if self.bias is None else y.add_(self.bias)
 
     def _forward_int4(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Even and odd input columns as two half-width matmuls: no interleaving unpack per call.
@@ -266,30 +287,35 @@ class QuantLinear(nn.Module):
         s = self.scheme
         kind = f"group={s.group_size}" if s.granularity == "group" else s.granularity
         sym = "sym" if s.symmetric else "asym"
-        return f"in={self.in_features}, out={self.out_features}, int{s.bits} {sym} {kind} {s.mode}"
+        act = f" act={s.activations}" if s.mode == "dynamic" else ""
+        return f"in={self.in_features}, out={self.out_features}, int{s.bits} {sym} {kind} {s.mode}{act}"
 
 
-def _fake_quant_dynamic(x: torch.Tensor) -> torch.Tensor:
-    """Round activations to a per-batch uint8 grid, as fbgemm does, where no int8 kernel applies."""
-    lo, hi = float(x.min().clamp_max(0)), float(x.max().clamp_min(0))
+def token_scales(x: torch.Tensor) -> torch.Tensor:
+    """Each token row's max |x| (1 for an all-zero row), shaped to broadcast over the features."""
+    return x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _fake_quant_dynamic(x: torch.Tensor, activations: ActivationGranularity) -> torch.Tensor:
+    """Round activations to the grid fbgemm would use, where no int8 kernel applies (same
+    per-token row scaling as ``_forward_fbgemm``)."""
+    row_scale = token_scales(x) if activations == "per_token" else None
+    values = x.float() if row_scale is None else x.float() / row_scale
+    lo, hi = float(values.min().clamp_max(0)), float(values.max().clamp_min(0))
     scale, zero = activation_qparams(lo, hi)
-    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
+    values = torch.fake_quantize_per_tensor_affine(values, scale, zero, 0, 255)
+    return (values if row_scale is None else values * row_scale).to(x.dtype)
 
 
-def _fbgemm_dynamic_linear(layer: QuantLinear) -> nn.Module:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
+def _fbgemm_dynamic_linear(layer: QuantLinear) -> torch.ScriptObject:
+    """fbgemm's packed per-channel qint8 weight (no bias: the forward adds it after rescaling)."""
     scales = layer.scale.reshape(-1).double().expand(layer.out_features).contiguous()
     zeros = torch.zeros(layer.out_features, dtype=torch.long)
     with warnings.catch_warnings():
         # torch 2.13 marks qint8 tensors as deprecated but ships no replacement CPU int8 kernel.
         warnings.simplefilter("ignore")
         qweight = torch._make_per_channel_quantized_tensor(layer.qweight, scales, zeros, 0)
-        fast = DynamicLinear(
-            layer.in_features, layer.out_features, bias_=layer.bias is not None, dtype=torch.qint8
-        )
-        fast.set_weight_bias(qweight, layer.bias)
-    return fast
+        return torch.ops.quantized.linear_prepack(qweight, None)
 
 
 # ------------------------------------------------------------------------------- model-level helpers
@@ -387,6 +413,8 @@ def load_quantized(folder: Path, device: str = "cpu") -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     for name, layer in meta["layers"].items():
         fields = {k: layer[k] for k in ("bits", "symmetric", "granularity", "group_size", "mode")}
+        # Saved before per-token activations existed: those files quantized per batch.
+        fields["activations"] = layer.get("activations", "per_tensor")
         module = QuantLinear(
             layer["in_features"], layer["out_features"], layer["bias"], QuantScheme(**fields)
         )

@@ -76,6 +76,20 @@ def hash_user(user_id: str | None) -> str | None:
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
 
 
+def open_log_database(path: Path, schema: str) -> sqlite3.Connection:
+    """A writer connection to an append-only log database (``schema`` applied), WAL mode.
+
+    check_same_thread=False: writers append from an event loop and worker threads, serialised by the
+    caller's lock. synchronous=NORMAL in WAL mode: a commit survives a process crash (not an OS crash)
+    without an fsync per row; the fsync happens at checkpoints."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(schema)
+    return conn
+
+
 class RequestLog:
     """The ``requests`` table of one SQLite file. Writers share one connection per instance."""
 
@@ -119,15 +133,7 @@ class RequestLog:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # check_same_thread=False: the service appends from its event loop and worker threads;
-            # self._lock serialises them.
-            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives a process crash (not an OS crash) without an fsync
-            # per row; the fsync happens at checkpoints.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
+            conn = open_log_database(self.path, _SCHEMA)
             # Logs written before the confidence column existed get it added (NULL for old rows).
             present = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
             for column in ("confidence",):

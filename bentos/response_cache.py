@@ -14,23 +14,11 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from lockgate.bentos.config import ResponseCacheConfig
 
 logger = logging.getLogger(__name__)
-
-
-class ResponseCacheConfig(BaseModel):
-    """``response_cache`` of the service config (from the spec's ``package.response_cache``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(False, description="Serve repeated greedy requests from the cache.")
-    backend: Literal["memory", "redis"] = Field("memory", description="memory: per-process LRU; redis.")
-    max_entries: int = Field(1024, ge=1, le=10_000_000, description="LRU size (memory backend).")
-    redis_url: str | None = Field(None, description="redis://host:port/db (redis backend).")
-    ttl_s: int = Field(3600, ge=1, description="Lifetime of a Redis entry in seconds.")
 
 
 @dataclass(frozen=True)
@@ -117,5 +105,5 @@ def build_cache(config: ResponseCacheConfig) -> ResponseCache | None:
     if config.backend == "redis":
         if not config.redis_url:
             raise ValueError("response_cache.redis_url: required when response_cache.backend is redis")
-        return RedisCache(config.redis_url, config.ttl_s)
+        return RedisCache(config.redis_url.get_secret_value(), config.ttl_s)
     return LRUCache(config.max_entries)

@@ -34,8 +34,9 @@ from transformers import (  # noqa: E402
 )
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
-from bentos.quantized import CONFIG_FILE as LOCKGATE_QUANT_CONFIG  # noqa: E402
-from bentos.quantized import load_quantized  # noqa: E402
+from lockgate.bentos.penalties import penalty_processors  # noqa: E402
+from lockgate.bentos.quantized import CONFIG_FILE as LOCKGATE_QUANT_CONFIG  # noqa: E402
+from lockgate.bentos.quantized import load_quantized  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,17 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties over the tokens generated so far (bentos/penalties.py; vLLM's own).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class _FirstTokenTimer(BaseStreamer):
@@ -204,16 +212,19 @@ class LoadedModel:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: list[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> list[Generation]:
         """Continue every prompt in one left-padded batch; greedy when ``temperature == 0``.
 
         ``max_new_tokens`` is one budget for all prompts or one per prompt. Text is cut before the
-        first ``stop`` string. A ``seed`` makes sampling reproducible for the same batch.
+        first ``stop`` string. A ``seed`` makes sampling reproducible for the same batch. The penalties
+        are OpenAI's (:class:`OpenAIPenalties`).
         """
         if not prompts:
             return []
         budgets = _budgets(max_new_tokens, len(prompts))
-        params = _params(temperature, top_p, seed, stop)
+        params = _params(temperature, top_p, seed, stop, presence_penalty, frequency_penalty)
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
             inputs = self._encode(prompts)
@@ -225,6 +236,7 @@ class LoadedModel:
                 out = self.model.generate(
                     **inputs,
                     generation_config=self._generation_config(params, max(budgets)),
+                    logits_processor=penalty_processors(params, prompt_len),
                     stopping_criteria=criteria,
                     streamer=timer,
                 )
@@ -240,7 +252,7 @@ class LoadedModel:
 
     def _first_token_confidence(self, logits: torch.Tensor, chosen: torch.Tensor) -> list[float]:
         """P(first generated token) per row, temperature-scaled as σ(logit(p) / T): the same transform
-        the monitor fits on feedback (tasks/feedback.py), so a fitted T applies here unchanged."""
+        the monitor fits on feedback (tasks/monitoring/feedback.py), so a fitted T applies here unchanged."""
         probs = torch.softmax(logits.float(), dim=-1)
         p = probs.gather(1, chosen[:, None].to(probs.device))[:, 0]
         return calibrated(p, self.calibration_temperature).tolist()
@@ -253,9 +265,11 @@ class LoadedModel:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: list[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> TextStream:
         """Start generating for one prompt in a background thread; iterate the result for text chunks."""
-        params = _params(temperature, top_p, seed, stop)
+        params = _params(temperature, top_p, seed, stop, presence_penalty, frequency_penalty)
         return TextStream(self, prompt, _budgets(max_new_tokens, 1)[0], params)
 
     def count_tokens(self, text: str) -> int:
@@ -423,6 +437,7 @@ class TextStream(TokenStream):
                 m.model.generate(
                     **inputs,
                     generation_config=m._generation_config(self._params, self._budget),
+                    logits_processor=penalty_processors(self._params, int(inputs["input_ids"].shape[1])),
                     stopping_criteria=criteria,
                     streamer=self._tokens,
                 )
@@ -534,14 +549,31 @@ def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
     return budgets
 
 
-def _params(temperature: float, top_p: float, seed: int | None, stop: list[str] | None) -> SamplingParams:
+def _params(
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stop: list[str] | None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> SamplingParams:
     if temperature < 0:
         raise ValueError("temperature: must be >= 0")
     if not 0 < top_p <= 1:
         raise ValueError("top_p: must be in (0, 1]")
     if stop and any(not s for s in stop):
         raise ValueError("stop: strings must not be empty")
-    return SamplingParams(float(temperature), float(top_p), seed, tuple(stop or ()))
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not -2.0 <= value <= 2.0:  # OpenAI's (and vLLM's) range; also refuses NaN
+            raise ValueError(f"{name}: must be between -2 and 2")
+    return SamplingParams(
+        float(temperature),
+        float(top_p),
+        seed,
+        tuple(stop or ()),
+        float(presence_penalty),
+        float(frequency_penalty),
+    )
 
 
 def calibrated(p: torch.Tensor, temperature: float) -> torch.Tensor:

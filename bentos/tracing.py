@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import httpx
 from opentelemetry import trace
@@ -33,23 +32,12 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from pydantic import BaseModel, ConfigDict, Field
+
+from lockgate.bentos.config import TracingConfig
 
 logger = logging.getLogger(__name__)
 
 ROOT_SPAN = "llm.request"
-
-
-class TracingConfig(BaseModel):
-    """``tracing`` of the service config (from the spec's ``package.tracing``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    exporter: Literal["none", "console", "otlp"] = Field("none", description="Where spans go; none = off.")
-    endpoint: str = Field("http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP traces URL.")
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers (collector auth).")
-    sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of requests traced.")
-    export_interval_ms: int = Field(1000, ge=10, le=60_000, description="Batch export interval.")
 
 
 class OTLPHttpExporter(SpanExporter):
@@ -142,7 +130,7 @@ class RequestTracer:
         exporter: SpanExporter = (
             ConsoleSpanExporter()
             if config.exporter == "console"
-            else OTLPHttpExporter(config.endpoint, config.headers)
+            else OTLPHttpExporter(config.endpoint, config.header_values())
         )
         self._provider.add_span_processor(
             BatchSpanProcessor(exporter, schedule_delay_millis=config.export_interval_ms)

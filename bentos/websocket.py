@@ -24,7 +24,8 @@ import contextlib
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,72 +33,87 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from lockgate.bentos.accounting import (
+    Accounting,
+    RequestRecord,
+    account_refusal,
+    authorise,
+    refusal_body,
+)
+from lockgate.bentos.protocol import GenerateInput, Prepared, Refusal, validate_input
+
 if TYPE_CHECKING:
-    from bentos.runtime import TextStream
+    from lockgate.bentos.runtime import TokenStream
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TRY_LATER = 1013
 
 
-def _service() -> Any:
-    import bentoml
+class StreamingBackend(Protocol):
+    """What the WebSocket and /capacity need of the service (bentos/llm_service.py's LLMService)."""
 
-    return bentoml.get_current_service()
+    accounting: Accounting
+    log_text: bool
+
+    def capacity(self) -> dict[str, Any]: ...
+
+    def prepare(self, record: RequestRecord, body: GenerateInput, prefix: str = "") -> Prepared | Refusal: ...
+
+    async def start_stream(self, record: RequestRecord, prepared: Prepared) -> TokenStream | Refusal: ...
 
 
-async def capacity(request: Request) -> JSONResponse:
-    """GET /capacity: the KV-cache plan (bytes per token, budget, capacity) and the current queue."""
-    return JSONResponse(_service().capacity())
+def build_app(backend: Callable[[], StreamingBackend]) -> Starlette:
+    """The ASGI app the service mounts at ``/``: ``/generate_ws`` and ``/capacity``. ``backend`` gives
+    the worker's service instance (it does not exist yet when the app is built)."""
+
+    async def capacity(request: Request) -> JSONResponse:
+        """GET /capacity: the KV-cache plan (bytes per token, budget, capacity) and the current queue."""
+        return JSONResponse(backend().capacity())
+
+    async def generate_ws(websocket: WebSocket) -> None:
+        await _generate_ws(websocket, backend())
+
+    return Starlette(
+        routes=[
+            WebSocketRoute("/generate_ws", generate_ws),
+            Route("/capacity", capacity, methods=["GET"]),
+        ]
+    )
 
 
-async def generate_ws(websocket: WebSocket) -> None:
+async def _generate_ws(websocket: WebSocket, service: StreamingBackend) -> None:
     """Stream one generation token by token; see the module docstring for the protocol."""
-    from bentos import llm_service as svc
-
-    service = _service()
-    record = svc.RequestRecord(uuid.uuid4().hex, "generate_ws", time.perf_counter())
+    accounting = service.accounting
+    record = accounting.record(uuid.uuid4().hex, "generate_ws", time.perf_counter())
     record.claimed = True
     await websocket.accept()
     try:
-        refusal = _authorise(record, websocket, svc.KEYS)
-        prepared: Any = None
-        if refusal is None:
-            prepared = await _read_request(record, websocket, service)
-            refusal = prepared if isinstance(prepared, svc.Refusal) else None
-        stream: Any = refusal
-        if refusal is None:
-            stream = await service.start_stream(record, prepared)
-        if isinstance(stream, svc.Refusal):
-            stream.account(record)
+        # The HTTP middleware does not see WebSockets: the same key check, run here.
+        outcome: Prepared | Refusal | None = authorise(
+            accounting.keys,
+            websocket.headers.get("authorization"),
+            record,
+            websocket.client.host if websocket.client else None,
+        )
+        if outcome is None:
+            outcome = await _read_request(record, websocket, service)
+        stream = await service.start_stream(record, outcome) if isinstance(outcome, Prepared) else outcome
+        if isinstance(stream, Refusal):
+            account_refusal(stream, record)
             record.http_status = stream.status
             await _send_error(websocket, stream, record)
             return
-        await _pump(websocket, stream, record, service.settings.log_text)
+        await _pump(websocket, stream, record, service.log_text)
     finally:
         record.clean_up()
-        service.accounting.finish(record)
+        accounting.finish(record)
 
 
-def _authorise(record: Any, websocket: WebSocket, keys: Any) -> Any:
-    """401/429 as a Refusal when API keys are on (the HTTP middleware does not see WebSockets)."""
-    from bentos.llm_service import Refusal
-
-    if keys is None:
-        return None
-    started = time.perf_counter()
-    admission = keys.admit(websocket.headers.get("authorization"))
-    record.customer = admission.customer
-    record.timings.auth = time.perf_counter() - started
-    if admission.status == 200:
-        return None
-    return Refusal(admission.status, "authorization", admission.error or "refused", admission.retry_after_s)
-
-
-async def _read_request(record: Any, websocket: WebSocket, service: Any) -> Any:
+async def _read_request(
+    record: RequestRecord, websocket: WebSocket, service: StreamingBackend
+) -> Prepared | Refusal:
     """The first message, validated like a /generate body; a Prepared request or a Refusal."""
-    from bentos.llm_service import Refusal, _validate_input
-
     try:
         text = await websocket.receive_text()
     except WebSocketDisconnect:
@@ -107,21 +123,23 @@ async def _read_request(record: Any, websocket: WebSocket, service: Any) -> Any:
         raw = json.loads(text)
     except ValueError as exc:
         return Refusal(400, "body", f"invalid JSON: {exc}")
-    body = _validate_input(raw, "")
+    body = validate_input(raw, "")
     if isinstance(body, Refusal):
         return body
-    return service._prepare(record, body)
+    return service.prepare(record, body)
 
 
-async def _send_error(websocket: WebSocket, refusal: Any, record: Any) -> None:
+async def _send_error(websocket: WebSocket, refusal: Refusal, record: RequestRecord) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        await websocket.send_json({"type": "error", "status": refusal.status, **refusal.body(record)})
+        await websocket.send_json(
+            {"type": "error", "status": refusal.status, **refusal_body(refusal, record)}
+        )
         code = CLOSE_TRY_LATER if refusal.status == 503 else CLOSE_POLICY
         # A close reason may hold at most 123 bytes (RFC 6455 5.5: 125-byte control frame payload).
         await websocket.close(code=code, reason=refusal.text.encode()[:120].decode("utf-8", "ignore"))
 
 
-async def _pump(websocket: WebSocket, stream: TextStream, record: Any, log_text: bool) -> None:
+async def _pump(websocket: WebSocket, stream: TokenStream, record: RequestRecord, log_text: bool) -> None:
     """Send chunks as they come; a watcher cancels generation as soon as the client disconnects
     (also while the model is between tokens, when no send would notice)."""
     gone = asyncio.Event()
@@ -189,13 +207,3 @@ async def _close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
     if websocket.application_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await websocket.close(code=code, reason=reason)
-
-
-def build_app() -> Starlette:
-    """The ASGI app the service mounts at ``/``: ``/generate_ws`` and ``/capacity``."""
-    return Starlette(
-        routes=[
-            WebSocketRoute("/generate_ws", generate_ws),
-            Route("/capacity", capacity, methods=["GET"]),
-        ]
-    )

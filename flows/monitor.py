@@ -6,11 +6,11 @@ Prefect deployment runs every ``monitor.schedule`` over whatever the services lo
 1. the request-log window is validated with Great Expectations (a corrupt window fails the run,
    naming the column and expectation);
 2. Evidently drift of prompt features vs the reference set and of output features vs a baseline
-   window (tasks/monitor.py), feedback-label concept drift and ECE (tasks/feedback.py), and the
+   window (tasks/monitor.py), feedback-label concept drift and ECE (tasks/monitoring/feedback.py), and the
    output text-quality monitor;
 3. the verdicts become Prometheus gauges (textfile), MLflow metrics and artifacts;
-4. each detector's response from the spec runs, damped (tasks/responses.py), and alerts go through
-   the throttled notifier (tasks/alerting.py).
+4. each detector's response from the spec runs, damped (tasks/monitoring/responses.py), and alerts go through
+   the throttled notifier (tasks/monitoring/alerting.py).
 """
 
 from __future__ import annotations
@@ -22,19 +22,19 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.spec import PipelineSpec
-from flows.spec_loader import load_spec
-from tasks.alerting import Alerter, write_gauges
-from tasks.datasets import load_dataset
-from tasks.feedback import FeedbackResult, evaluate_feedback, feedback_path, read_feedback
-from tasks.log import run_logger
-from tasks.model_source import resolve_parent
-from tasks.monitor import DriftResult, TextQualityResult, monitor_task, text_quality_drift
-from tasks.request_window import read_window, served_ok
-from tasks.responses import Responder, ResponseContext, ResponseLedger, ResponseOutcome
-from tasks.settings import Settings, export_environment, get_settings
-from tasks.tracking import configure_tracking
-from tasks.validate_data import validate_frame
+from lockgate.flows.spec import PipelineSpec
+from lockgate.flows.spec_loader import load_spec
+from lockgate.tasks.model_source import resolve_parent
+from lockgate.tasks.monitor import DriftResult, TextQualityResult, monitor_task, text_quality_drift
+from lockgate.tasks.monitoring.alerting import Alerter, write_gauges
+from lockgate.tasks.monitoring.feedback import FeedbackResult, evaluate_feedback, feedback_path, read_feedback
+from lockgate.tasks.monitoring.responses import Responder, ResponseContext, ResponseLedger, ResponseOutcome
+from lockgate.tasks.monitoring.window import read_window, served_ok
+from lockgate.tasks.platform.datasets import load_dataset
+from lockgate.tasks.platform.log import run_logger
+from lockgate.tasks.platform.settings import Settings, export_environment, get_settings
+from lockgate.tasks.platform.tracking import configure_tracking
+from lockgate.tasks.validate_data import validate_frame
 
 
 def request_log_path(pipeline: str) -> Path:
@@ -174,10 +174,10 @@ def run_monitor(
         for response in responses:
             mlflow.set_tag(f"lockgate.response.{response.detector}", f"{response.action}:{response.outcome}")
     logger.info(
-        "monitor %s: %s over %d requests; detectors %s; responses %s",
+        "monitor %s: %s over %s; detectors %s; responses %s",
         name,
         drift.verdict,
-        drift.current_rows,
+        drift.window or f"{drift.current_rows} requests",
         {d: f for d, f in detectors.items()},
         [f"{r.detector}:{r.outcome}" for r in responses if r.outcome != "quiet"],
     )

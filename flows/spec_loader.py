@@ -22,8 +22,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from flows.spec import PipelinesFile, PipelineSpec
-from tasks.errors import SpecError
+from lockgate.flows.spec import PipelinesFile, PipelineSpec, missing_data_roles
+from lockgate.tasks.platform.errors import SpecError
 
 __all__ = [
     "SCHEMA_PATH",
@@ -32,6 +32,7 @@ __all__ = [
     "load_spec",
     "load_spec_text",
     "resolved_spec",
+    "spec_warnings",
     "write_json_schema",
 ]
 
@@ -388,6 +389,10 @@ def load_spec_text(text: str, filename: str = "<string>") -> PipelinesFile:
     Raises ``SpecError`` listing every problem as ``FILE:LINE:COL: field.path: message``,
     sorted by position, where ``FILE`` is ``filename``.
     """
+    return _validated(text, filename)[0]
+
+
+def _validated(text: str, filename: str) -> tuple[PipelinesFile, dict[Loc, _Marks]]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -409,9 +414,14 @@ def load_spec_text(text: str, filename: str = "<string>") -> PipelinesFile:
         errors = [err for err in exc.errors() if not _is_echo(err)]
         problems.extend(_problem_from(err, builder.marks) for err in errors)
         _raise(problems, filename, exc)
+    # Cross-section checks that need the whole pipeline; each names the node at fault.
+    for name, pipeline in spec.pipelines.items():
+        for node, field, message in missing_data_roles(pipeline):
+            pos = _pos_at(builder.marks, ("pipelines", name, *node), key=True)
+            problems.append(_Problem(pos, _dotted(("pipelines", name, field)), message))
     if problems:  # YAML-level problems (duplicate keys, bad tags) even though pydantic passed
         _raise(problems, filename)
-    return spec
+    return spec, builder.marks
 
 
 def load_spec(path: Path) -> PipelinesFile:
@@ -428,6 +438,22 @@ def load_spec(path: Path) -> PipelinesFile:
     except (OSError, UnicodeDecodeError) as exc:
         _raise([_Problem(_START, "file", f"cannot be read: {exc}")], filename, exc)
     return load_spec_text(text, filename)
+
+
+def spec_warnings(path: Path) -> list[str]:
+    """What is valid but probably wrong, as ``FILE:LINE:COL: field.path: warning: message``: gates
+    tighter than the evaluation set can resolve (tasks/compression/gate_resolution.py), when the set is
+    known before the run (the demo set or a local file). Raises ``SpecError`` like :func:`load_spec`."""
+    from lockgate.tasks.compression.gate_resolution import gate_findings
+
+    spec = load_spec(path)  # the file's problems first, reported as load_spec reports them
+    _, marks = _validated(path.read_text(encoding="utf-8"), str(path))
+    found = []
+    for name, pipeline in spec.pipelines.items():
+        for node, message in gate_findings(pipeline, path.parent):
+            loc = ("pipelines", name, *node)
+            found.append(_Problem(_pos_at(marks, loc), _dotted(loc), f"warning: {message}"))
+    return [p.render(str(path)) for p in sorted(found, key=lambda p: p.pos)]
 
 
 def json_schema() -> dict[str, Any]:

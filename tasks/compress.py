@@ -12,19 +12,19 @@ import importlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import task
 
-from bentos.runtime import weights_size_bytes
-from tasks.compression.base import StepContext, StepOutcome
-from tasks.log import get_logger
-from tasks.tracking import stage_run
+from lockgate.bentos.runtime import weights_size_bytes
+from lockgate.tasks.compression.base import StepContext, StepOutcome
+from lockgate.tasks.platform.log import get_logger
+from lockgate.tasks.platform.tracking import stage_run
 
 if TYPE_CHECKING:
-    from flows.spec import CandidateSpec
+    from lockgate.flows.spec import CandidateSpec
 
 log = get_logger(__name__)
 
@@ -41,6 +41,9 @@ class CompressedModel:
     metrics: dict[str, float] = field(default_factory=dict)
     #: The resolved recipe (every parameter, defaults filled) as JSON: a model-version tag.
     recipe_json: str = "[]"
+    #: The MLflow 3 LoggedModel (named after the candidate) its compress run logged; evaluation
+    #: metrics link to it and the registered version is made from it.
+    model_id: str | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -65,7 +68,7 @@ _CODE = (Path(__file__), *sorted(Path(__file__).with_name("compression").glob("*
 def candidate_key(parent: Path, candidate: CandidateSpec, context: StepContext) -> str:
     """Content key of a candidate's result: the steps' code, the parent's files, the resolved recipe
     and the data the steps see. Equal keys give equal models (every step is seeded)."""
-    from bentos import quantized
+    from lockgate.bentos import quantized
 
     digest = hashlib.sha256()
     for source in (*_CODE, Path(quantized.__file__)):
@@ -124,6 +127,10 @@ def compress_candidate(
     for index, step in enumerate(candidate.steps):
         step_out = staging / f"step-{index}-{step.kind}"
         log.info("candidate %s: step %d/%d %s", candidate.name, index + 1, len(candidate.steps), step.kind)
+        following = candidate.steps[index + 1] if index + 1 < len(candidate.steps) else None
+        context = StepContext(
+            **{**context.__dict__, "next_quantize": following.quantize if following else None}
+        )
         outcome = run_step(step.kind, current, step_out, step.params, context)
         context = StepContext(**{**context.__dict__, "auto_ignore": outcome.auto_ignore})
         metrics.update({f"{index}.{step.kind}.{k}": float(v) for k, v in outcome.metrics.items()})
@@ -179,12 +186,40 @@ def compress_task(
         mlflow.set_tag("lockgate.cached", "true" if cached is not None else "false")
         mlflow.log_dict({"steps": [s.model_dump(mode="json") for s in candidate.steps]}, "recipe.json")
         mlflow.log_artifact(str(result.folder / "lockgate_compress.json"))
+        model_id = _log_candidate_model(result, context)
         mlflow.log_metrics(
             {
                 "size_bytes": result.size_bytes,
                 "parent_size_bytes": result.parent_size_bytes,
                 "size_ratio": result.size_ratio,
                 **result.metrics,
-            }
+            },
+            model_id=model_id,
         )
-    return result
+    return replace(result, model_id=model_id)
+
+
+def _log_candidate_model(result: CompressedModel, context: StepContext) -> str:
+    """The candidate as an MLflow 3 LoggedModel named after it, in the active (compress) run, with the
+    calibration prompts the steps saw logged as its input dataset (MLflow records the digest)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import LoggedModelInput
+
+    from lockgate.tasks.platform import model_registry as registry
+
+    info = registry.log_pyfunc_model(
+        result.folder,
+        result.candidate,
+        params={
+            "recipe": " -> ".join(result.step_kinds),
+            "device": context.device,
+            "seed": str(context.seed),
+        },
+        tags={"lockgate.candidate": result.candidate},
+    )
+    calibration = mlflow.data.from_pandas(
+        pd.DataFrame({"prompt": list(context.calibration_prompts)}), name="calibration"
+    )
+    mlflow.log_input(calibration, context="calibration", model=LoggedModelInput(info.model_id))
+    return info.model_id

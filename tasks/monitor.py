@@ -8,10 +8,16 @@ feature groups are compared, each with its own reference:
 * ``outputs``: output tokens, latency and output descriptors, against a baseline window of the same
   request log (the reference set has no outputs or latencies).
 
-The Evidently snapshot is parsed once into typed results (:class:`DatasetDrift`, :class:`ColumnDrift`)
-by metric *type* and metric id — never by position in the JSON — and the per-column verdict is
-Evidently's own drift test, so the direction of each method (p-value below, distance above its
-threshold) is never guessed here.
+The Evidently snapshot is parsed once into typed results (:class:`ColumnDrift`) by metric *type* and
+metric id — never by position in the JSON — and the per-column verdict is Evidently's own drift test,
+so the direction of each method (p-value below, distance above its threshold) is never guessed here.
+
+One test per column, one verdict from that table: a group's drifted count and share are counted from
+its per-column rows (Evidently's ``DriftedColumnsCount`` runs its own default tests, which disagreed
+with the table: "11 of 11" over a table showing 10). A group drifts when at least
+``drift.max_drift_share`` of its columns drift, and only a group compared on at least
+``drift.min_columns`` columns may decide: two length features at p < 0.05 flag about one window in
+ten by chance, and one of two was already the default share.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,8 +33,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from tasks.log import get_logger
-from tasks.request_window import (
+from lockgate.tasks.monitoring.window import (
     output_features,
     prompt_features,
     read_window,
@@ -36,10 +41,11 @@ from tasks.request_window import (
     served_ok,
     validate_window,
 )
-from tasks.tracking import stage_run
+from lockgate.tasks.platform.log import get_logger
+from lockgate.tasks.platform.tracking import stage_run
 
 if TYPE_CHECKING:
-    from flows.spec import DriftSpec, MonitorSpec
+    from lockgate.flows.spec import DriftSpec, MonitorSpec
 
 log = get_logger(__name__)
 Verdict = Literal["drift", "no_drift", "insufficient_data"]
@@ -60,10 +66,15 @@ class ColumnDrift:
 
 @dataclass(frozen=True)
 class DatasetDrift:
-    """Evidently's ``DriftedColumnsCount`` of one report."""
+    """Drifted columns of one report, counted from its per-column table."""
 
     count: int
     share: float
+
+    @classmethod
+    def of(cls, columns: tuple[ColumnDrift, ...]) -> DatasetDrift:
+        count = sum(c.drifted for c in columns)
+        return cls(count, count / len(columns) if columns else 0.0)
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class DriftResult:
     json_path: Path | None
     groups: tuple[GroupDrift, ...] = ()
     notes: tuple[str, ...] = ()  # why a group or column was not compared
+    window: str = ""  # which requests were judged: time range, versions, rows (the report says it)
 
     def as_metrics(self) -> dict[str, float]:
         metrics = {
@@ -120,14 +132,10 @@ def _failed_tests(snapshot: dict[str, Any]) -> dict[str, bool]:
 
 
 def parse_snapshot(snapshot: dict[str, Any], group: str) -> tuple[DatasetDrift, tuple[ColumnDrift, ...]]:
-    """Typed results of a drift snapshot, dispatched on each metric's type; other types are ignored."""
+    """Typed results of a drift snapshot, dispatched on each metric's type; other types are ignored.
+    The dataset's count and share are counted from the per-column rows, never read from another test."""
     tests = _failed_tests(snapshot)
-    dataset: DatasetDrift | None = None
     columns: list[ColumnDrift] = []
-
-    def drifted_count(metric: dict[str, Any]) -> None:
-        nonlocal dataset
-        dataset = DatasetDrift(int(metric["value"]["count"]), float(metric["value"]["share"]))
 
     def value_drift(metric: dict[str, Any]) -> None:
         config = metric["config"]
@@ -144,17 +152,13 @@ def parse_snapshot(snapshot: dict[str, Any], group: str) -> tuple[DatasetDrift, 
             )
         )
 
-    parsers: dict[str, Callable[[dict[str, Any]], None]] = {
-        "DriftedColumnsCount": drifted_count,
-        "ValueDrift": value_drift,
-    }
+    parsers: dict[str, Callable[[dict[str, Any]], None]] = {"ValueDrift": value_drift}
     for metric in snapshot["metrics"]:
         parser = parsers.get(_metric_kind(metric["config"]))
         if parser is not None:
             parser(metric)
-    if dataset is None:
-        raise ValueError("Evidently snapshot has no DriftedColumnsCount metric")
-    return dataset, tuple(sorted(columns, key=lambda c: c.column))
+    ordered = tuple(sorted(columns, key=lambda c: c.column))
+    return DatasetDrift.of(ordered), ordered
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -185,7 +189,7 @@ def evidently_drift(
 ) -> tuple[DatasetDrift, tuple[ColumnDrift, ...], Path, Path, list[str]]:
     """One Evidently report over the columns both frames share; HTML + JSON in ``out_dir``."""
     from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import DriftedColumnsCount, ValueDrift
+    from evidently.metrics import ValueDrift
 
     notes: list[str] = []
     shared = [c for c in reference.columns if c in current.columns]
@@ -211,7 +215,7 @@ def evidently_drift(
     definition = DataDefinition(
         numerical_columns=numerical, categorical_columns=[c for c in columns if c in categorical]
     )
-    metrics: list = [DriftedColumnsCount(columns=columns, drift_share=spec.max_drift_share)]
+    metrics: list = []  # one ValueDrift (one test) per column; the group's count is taken from them
     for column in columns:
         method, threshold = resolve_method(column in numerical, reference[column], spec)
         metrics.append(ValueDrift(column=column, method=method, threshold=threshold))
@@ -228,6 +232,26 @@ def evidently_drift(
     snapshot.save_json(str(json_path))
     dataset, parsed = parse_snapshot(snapshot.dict(), group)
     return dataset, parsed, html_path, json_path, notes
+
+
+def group_verdict(groups: list[GroupDrift], spec: DriftSpec) -> tuple[Verdict, float, list[str]]:
+    """The verdict, the drift share it rests on, and why a group could not decide.
+
+    Only groups compared on at least ``spec.min_columns`` columns decide; one of them drifts when its
+    drifted share (from its per-column table) reaches ``spec.max_drift_share``. The share returned is
+    the largest among the deciding groups (NaN when none may decide), so the Prometheus gauge and its
+    ``>= max_drift_share`` rule agree with the verdict."""
+    deciding = [g for g in groups if len(g.columns) >= spec.min_columns]
+    notes = [
+        f"{g.group}: {len(g.columns)} compared column(s) < drift.min_columns {spec.min_columns}: "
+        "reported, but cannot decide drift by itself (LOCKGATE_LOG_TEXT=1 adds text descriptors)"
+        for g in groups
+        if g not in deciding
+    ]
+    if not deciding:
+        return "insufficient_data", math.nan, notes
+    share = max(g.dataset.share for g in deciding)
+    return ("drift" if share >= spec.max_drift_share else "no_drift"), share, notes
 
 
 def drift_report(
@@ -261,11 +285,12 @@ def drift_report(
         dataset, columns, html, js, skipped = evidently_drift(cur, ref, spec.drift, out_dir, group)
         notes.extend(skipped)
         groups.append(GroupDrift(group, source, len(ref), dataset, columns, html, js))
-    drifted_groups = [g for g in groups if g.columns and g.dataset.share >= spec.drift.max_drift_share]
+    verdict, share, deciding_notes = group_verdict(groups, spec.drift)
+    notes.extend(deciding_notes)
     all_columns = tuple(c for g in groups for c in g.columns)
     result = DriftResult(
-        verdict="drift" if drifted_groups else "no_drift",
-        drift_share=max(g.dataset.share for g in groups),
+        verdict=verdict,
+        drift_share=share,
         drifted_columns=sum(g.dataset.count for g in groups),
         columns=all_columns,
         current_rows=len(current),
@@ -318,7 +343,10 @@ def monitor_task(
             if len(baseline):
                 validate_window(baseline, spec)
         reference = reference_prompt_features(reference_prompts, tokenizer_dir)
-        result = drift_report(current, reference, spec, out_dir, baseline)
+        result = replace(
+            drift_report(current, reference, spec, out_dir, baseline), window=describe_window(window, since)
+        )
+        mlflow.set_tag("lockgate.monitor_window", result.window)
         mlflow.log_metrics(result.as_metrics())
         mlflow.set_tag("lockgate.drift_verdict", result.verdict)
         for group in result.groups:
@@ -327,6 +355,26 @@ def monitor_task(
         if (out_dir / "verdict.json").exists():
             mlflow.log_artifact(str(out_dir / "verdict.json"), "drift")
     return result
+
+
+def describe_window(window: pd.DataFrame, since: float | None) -> str:
+    """Which live requests a report judged: their time range and the versions (and roles) that served
+    them, so a report on live traffic says what it is about."""
+    if not len(window):
+        return f"no requests since {_utc(since) if since else 'the start of the log'}"
+    served = sorted(
+        {f"v{v} ({r})" for v, r in zip(window["model_version"], window["service_role"], strict=True)}
+    )
+    return (
+        f"{len(window)} live requests {_utc(float(window['ts'].min()))} .. {_utc(float(window['ts'].max()))}"
+        f" served by {', '.join(served)}"
+    )
+
+
+def _utc(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -342,7 +390,7 @@ def text_quality_drift(
 ) -> TextQualityResult | None:
     """Chapter 9.4.2's output monitor: text-quality z-scores of this window's outputs vs the baseline
     window's. None (undetermined) without logged output text or with too few rows on either side."""
-    from tasks.drift_detectors import TextQualityMonitor
+    from lockgate.tasks.monitoring.detectors import TextQualityMonitor
 
     if baseline is None or "output" not in current.columns or "output" not in baseline.columns:
         return None

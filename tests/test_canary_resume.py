@@ -16,26 +16,30 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import yaml
-from conftest import REPO_ROOT, tiny_release_spec
 
-from flows.spec import CanarySpec
-from tasks import registry, release_lock
-from tasks.canary import (
+from conftest import REPO_ROOT, tiny_release_spec
+from lockgate.bentos.config import ServiceConfig
+from lockgate.flows.spec import CanarySpec, PackageSpec
+from lockgate.tasks.platform import model_registry as registry
+from lockgate.tasks.platform.model_registry import ModelVersionRef
+from lockgate.tasks.release import lock as release_lock
+from lockgate.tasks.release.analysis import Outcome, Target
+from lockgate.tasks.release.canary_strategy import run_steps
+from lockgate.tasks.release.lock import LockInfo
+from lockgate.tasks.release.recovery import why_not_resumable
+from lockgate.tasks.release.state import (
     CanaryState,
     Checkpoint,
     canary_spec_sha256,
     clear_state,
     load_state,
-    run_steps,
     save_state,
     state_path,
 )
-from tasks.canary_analysis import Outcome, Target
-from tasks.recovery import why_not_resumable
-from tasks.registry import ModelVersionRef
-from tasks.release_lock import LockInfo
+from lockgate.tasks.release.strategy import ReleaseRun
 
 SPEC = CanarySpec(steps=(10, 50, 100), min_canary_requests=30, users=97, max_new_tokens=4)
 PROMPTS = ["a", "bb", "ccc", "dddd", "eeeee"]
@@ -97,6 +101,7 @@ def test_state_round_trips_through_its_file(lockgate_home: Path) -> None:
         None,
         "run-1",
         saved[1],
+        service_config=PackageSpec(limits={"concurrency": 3}).public_json(),
     )
     path = save_state(state)
     assert path == state_path(model) and path.is_file()
@@ -107,6 +112,9 @@ def test_state_round_trips_through_its_file(lockgate_home: Path) -> None:
     assert loaded.checkpoint.replayed == state.checkpoint.replayed
     assert _without_time(loaded.checkpoint) == _without_time(state.checkpoint)
     assert any(math.isnan(c.p_value) for s in loaded.checkpoint.steps for c in s.checks)  # NaN survives
+    # Every service a strategy starts gets the pipeline's package: settings (not the service defaults).
+    launched = ReleaseRun(loaded, SPEC, "test", lambda *_: None).launch["config"]
+    assert isinstance(launched, ServiceConfig) and launched.limits.concurrency == 3
     assert clear_state(model) and not clear_state(model) and load_state(model) is None
     path.write_text("{not json")
     assert load_state(model) is None  # unreadable: not resumable (recovery rolls back instead)
@@ -160,7 +168,7 @@ def _pipeline(tiny_llm_dir: Path, name: str) -> dict:
 
 def _run(spec_path: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "tiny", "-f", str(spec_path), "--json"],
+        [sys.executable, "-m", "lockgate.flows.cli", "run", "tiny", "-f", str(spec_path), "--json"],
         cwd=REPO_ROOT,
         env=os.environ.copy(),
         stdout=subprocess.PIPE,
@@ -216,7 +224,7 @@ def test_release_killed_mid_canary_resumes_after_restart(
     )
     assert stages == expected, (outcome, stages)
     assert load_state(name) is None and release_lock.current(name) is None
-    assert not any(Path(f"/proc/{pgid}").exists() for pgid in held.services)  # orphans stopped
+    assert not any(psutil.pid_exists(pgid) for pgid in held.services)  # orphans stopped
     # The resumed canary is one MLflow run that says where it came from, with all three steps judged
     # (the first from before the kill) unless it rolled back earlier.
     runs = mlflow.search_runs(

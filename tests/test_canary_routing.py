@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
-from flows.spec import CanarySpec, CanaryThresholds
-from tasks.canary import Outcome, judge_step, route, user_bucket
+from lockgate.flows.spec import CanarySpec, CanaryThresholds
+from lockgate.tasks.release.analysis import Outcome
+from lockgate.tasks.release.canary_strategy import judge_step, route, user_bucket
 
 
 def test_buckets_are_stable_and_uniform() -> None:
@@ -37,7 +38,7 @@ def _outcomes(target: str, n: int, errors: int, latency: float) -> list[Outcome]
 
 def test_judge_passes_healthy_canary() -> None:
     spec = CanarySpec(min_canary_requests=10)
-    step = judge_step(10, _outcomes("canary", 10, 0, 20.0), _outcomes("stable", 90, 0, 20.0), spec)
+    step = judge_step(10, _outcomes("canary", 25, 0, 20.0), _outcomes("stable", 90, 0, 20.0), spec)
     assert step.passed and step.reasons == ()
     assert step.latency_p_value > 0.05
 
@@ -48,7 +49,7 @@ def test_judge_fails_on_errors_latency_and_holds_on_too_few_requests() -> None:
     assert failing.verdict == "fail"
     assert any("success rate 0.700 < 0.95" in r for r in failing.reasons)
     assert any(r.startswith("error_rate: canary error rate 0.300") for r in failing.reasons)
-    slow = judge_step(5, _outcomes("canary", 10, 0, 80.0), _outcomes("stable", 90, 0, 20.0), spec)
+    slow = judge_step(5, _outcomes("canary", 25, 0, 80.0), _outcomes("stable", 90, 0, 20.0), spec)
     assert slow.verdict == "fail" and any(r.startswith("latency: latency x3.") for r in slow.reasons)
     # Too few canary requests is not a failure of the canary: the step is held (inconclusive).
     thin = judge_step(5, _outcomes("canary", 3, 0, 20.0), _outcomes("stable", 90, 0, 20.0), spec)

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO_ROOT, run_cli
-
-from flows.spec_loader import SCHEMA_PATH
+from lockgate.flows.spec_loader import SCHEMA_PATH
 
 _cli = run_cli
 
@@ -17,7 +16,12 @@ _cli = run_cli
 def test_validate_ok_and_json() -> None:
     done = _cli("validate", "-f", "pipelines.yaml", "--json")
     assert done.returncode == 0
-    assert json.loads(done.stdout) == {"valid": True, "pipelines": ["demo"]}
+    result = json.loads(done.stdout)
+    assert result["valid"] and result["pipelines"] == ["demo", "smollm2"]
+    # The demo's gates fit its evaluation set; the real model's 103-row set cannot resolve a 5 % gate,
+    # which validate says (its gates read confidence intervals: evaluate.confidence.gate_rule).
+    assert not [w for w in result["warnings"] if ".demo." in w]
+    assert all(".smollm2." in w for w in result["warnings"])
 
 
 def test_validate_reports_every_error_with_position(tmp_path: Path) -> None:
@@ -66,7 +70,7 @@ def test_schema_matches_committed_file() -> None:
 
 def test_validate_imports_no_heavy_library() -> None:
     code = (
-        "import sys; from typer.testing import CliRunner; from flows.cli import app; "
+        "import sys; from typer.testing import CliRunner; from lockgate.flows.cli import app; "
         "r = CliRunner().invoke(app, ['validate', '-f', 'pipelines.yaml']); "
         "assert r.exit_code == 0, r.output; "
         "heavy = ('torch', 'mlflow', 'bentoml', 'prefect', 'transformers'); "
@@ -112,7 +116,7 @@ def test_plan_prints_promotion_and_rollback_times(tmp_path: Path) -> None:
 
 def test_plan_imports_no_heavy_library() -> None:
     code = (
-        "import sys; from typer.testing import CliRunner; from flows.cli import app; "
+        "import sys; from typer.testing import CliRunner; from lockgate.flows.cli import app; "
         "r = CliRunner().invoke(app, ['plan', '-f', 'pipelines.yaml']); "
         "assert r.exit_code == 0, r.output; "
         "heavy = ('torch', 'mlflow', 'bentoml', 'prefect', 'transformers', 'numpy'); "
@@ -126,7 +130,7 @@ def test_plan_imports_no_heavy_library() -> None:
 
 
 def test_run_refuses_while_another_release_holds_the_model(tmp_path: Path, lockgate_home: Path) -> None:
-    from tasks import release_lock
+    from lockgate.tasks.release import lock as release_lock
 
     spec = tmp_path / "pipelines.yaml"
     spec.write_text(PLAN_SPEC)
@@ -148,7 +152,7 @@ def test_promote_and_rollback_to_a_version(tiny_llm_dir: Path, tracking: str) ->
 
     import mlflow
 
-    from tasks import registry
+    from lockgate.tasks.platform import model_registry as registry
 
     name = f"cli-{uuid.uuid4().hex[:8]}"
     with mlflow.start_run(run_name="cli-promote-test"):
@@ -160,7 +164,7 @@ def test_promote_and_rollback_to_a_version(tiny_llm_dir: Path, tracking: str) ->
     assert json.loads(promoted.stdout) == {"model": name, "production": "2", "archived": "1"}
     assert _cli("promote", name).stderr.strip() == f"{name} has no Staging version to promote; pass --version"
     assert _cli("promote", name, "--version", "3", "--json").returncode == 0
-    rolled = _cli("rollback", name, "--to", "1", "--reason", "both bad", "--json")
+    rolled = _cli("rollback", name, "--version", "1", "--reason", "both bad", "--json")
     assert rolled.returncode == 0, rolled.stderr
     assert json.loads(rolled.stdout) == {"model": name, "production": "1", "archived": "3"}
     assert {v.version: v.stage for v in registry.list_versions(name)} == {
@@ -169,6 +173,85 @@ def test_promote_and_rollback_to_a_version(tiny_llm_dir: Path, tracking: str) ->
         "3": "Archived",
     }
     assert registry.describe_version(v3).tags[registry.TAG_REASON] == "both bad"
+    # The champion alias moved with each of those transitions.
+    assert str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version) == "1"
+    # --to is the deprecated name of --version: it still works, and says so.
+    again = _cli("rollback", name, "--to", "1")
+    assert again.returncode == 1
+    assert again.stderr.splitlines() == [
+        "--to is deprecated: use --version",
+        f"{name} v1 is already in Production",
+    ]
     unknown = _cli("rollback", f"{name}-missing", "--reason", "typo")
     assert unknown.returncode != 0
     assert unknown.stderr.strip() == f"no registered model named '{name}-missing'", unknown.stderr
+
+
+def test_version_flag() -> None:
+    from importlib.metadata import version
+
+    done = _cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"lockgate {version('lockgate')}"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens on it once the socket is closed
+
+
+def test_profile_against_a_dead_url_fails_with_one_line() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    done = _cli("profile", "--url", url, "-n", "3")
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"{url}: no service answers (ConnectError); start one with `lockgate serve`"
+    assert "nan" not in done.stdout.lower()
+
+
+def test_history_of_an_unknown_model_exits_non_zero(tracking: str) -> None:
+    unknown = _cli("history", "no-such-model-at-all")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "no registered model named 'no-such-model-at-all'"
+
+
+def test_canary_status_watch_ends_when_no_release_runs(lockgate_home: Path) -> None:
+    done = _cli("canary", "status", "no-such-model-at-all", "--watch", "--interval", "0.5", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "no-such-model-at-all: production v-; nothing in Staging; no release running" in done.stdout
+
+
+def _spec_with_model(tmp_path: Path, **model: object) -> Path:
+    import yaml
+
+    spec = yaml.safe_load((REPO_ROOT / "pipelines.yaml").read_text())
+    spec["pipelines"]["demo"]["model"] = {**spec["pipelines"]["demo"].get("model", {}), **model}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_validate_refuses_a_remote_url_as_model_source(tmp_path: Path) -> None:
+    for url in ("https://example.com/model.safetensors", "s3://bucket/model", "http://host/m"):
+        done = _cli("validate", "-f", str(_spec_with_model(tmp_path, source=url)))
+        assert done.returncode == 2, done.stdout
+        assert "pipelines.demo.model.source" in done.stderr and "remote URL" in done.stderr, done.stderr
+    done = _cli("validate", "-f", str(_spec_with_model(tmp_path, source="models:/demo-model/1")))
+    assert "remote URL" not in done.stderr  # an MLflow URI is not a URL (other checks may apply)
+
+
+def test_validate_refuses_trust_remote_code(tmp_path: Path) -> None:
+    done = _cli("validate", "-f", str(_spec_with_model(tmp_path, trust_remote_code=True)))
+    assert done.returncode == 2
+    assert "pipelines.demo.model.trust_remote_code" in done.stderr and "never runs" in done.stderr
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "LOCKGATE_API_KEYS_FILE"}
+    env.update(LOCKGATE_HOME=str(tmp_path / "home"), LOCKGATE_HOST="0.0.0.0")
+    done = _cli("serve", "-f", str(REPO_ROOT / "pipelines.yaml"), env=env)
+    assert done.returncode == 2
+    assert "needs API keys" in done.stderr and "lockgate keys add" in done.stderr, done.stderr

@@ -12,13 +12,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from bentos.quantized import QuantLinear, QuantScheme, dequantize_weight, load_quantized
-from bentos.runtime import load_model, weights_size_bytes
-from flows.spec import CandidateSpec, CompressStep, QatStep, QuantizeStep, SensitivityStep
-from tasks.compress import compress_candidate
-from tasks.compression import qat, quantize, sensitivity
-from tasks.compression.base import StepContext
-from tasks.errors import StageFailed
+from lockgate.bentos.quantized import QuantLinear, QuantScheme, dequantize_weight, load_quantized
+from lockgate.bentos.runtime import load_model, weights_size_bytes
+from lockgate.flows.spec import CandidateSpec, CompressStep, QatStep, QuantizeStep, SensitivityStep
+from lockgate.tasks.compress import compress_candidate
+from lockgate.tasks.compression import qat, quantize, sensitivity
+from lockgate.tasks.compression.base import StepContext
+from lockgate.tasks.platform.errors import StageFailed
 
 PROMPTS = tuple(
     f"Q: what is {a} plus {b}?\nA: {a + b}" for a, b in [(3, 4), (12, 7), (25, 9), (8, 8), (19, 2)]
@@ -285,3 +285,21 @@ def test_spec_rejects_bad_parameters(model: type, params: dict, message: str) ->
 def test_scheme_rejects_activation_quantization_at_4_bits() -> None:
     with pytest.raises(ValueError, match="mode: dynamic"):
         QuantScheme(bits=4, mode="dynamic")
+
+
+def test_per_token_dynamic_keeps_small_tokens_next_to_an_outlier_token() -> None:
+    """One token 1,000x larger than the others: a per-call grid rounds the others to ~0, a
+    per-token grid keeps every token within 8-bit rounding of the exact product."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=True)
+    x = torch.randn(6, 64)
+    x[0] *= 1000.0
+    errors = {}
+    for activations in ("per_token", "per_tensor"):
+        layer = QuantLinear.from_float(linear, QuantScheme(mode="dynamic", activations=activations))
+        assert layer.uses_int8_kernel
+        exact = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+        with torch.inference_mode():
+            got = layer(x)
+        errors[activations] = float((got - exact)[1:].norm() / exact[1:].norm())
+    assert errors["per_token"] < 0.02 < errors["per_tensor"], errors

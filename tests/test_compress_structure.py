@@ -15,10 +15,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.spec import CandidateSpec, DistillStep, PruneStep, RecoverStep
-from tasks.compression import distill, prune, recover
-from tasks.compression.base import StepContext
-from tasks.errors import StageFailed
+from lockgate.flows.spec import CandidateSpec, DistillStep, PruneStep, RecoverStep
+from lockgate.tasks.compression import distill, prune, recover
+from lockgate.tasks.compression.base import StepContext
+from lockgate.tasks.platform.errors import StageFailed
 
 # Same phrasing as the tiny tokenizer's training lines, so the rows tokenize into few tokens.
 PAIRS = tuple((f"Q: what is {a} plus {b}?\nA:", str(a + b)) for a in range(24) for b in range(6))
@@ -301,7 +301,7 @@ def test_bad_parameters_name_the_field(kind: str, params: dict, field: str) -> N
 
 
 def test_prune_then_recover_chain_through_compress_candidate(context: StepContext, tmp_path: Path) -> None:
-    from tasks.compress import compress_candidate
+    from lockgate.tasks.compress import compress_candidate
 
     candidate = CandidateSpec(
         name="heads-recovered",
@@ -327,8 +327,8 @@ def test_compress_task_reuses_a_finished_candidate_with_the_same_key(
     a changed recipe is a different key and is compressed afresh."""
     from prefect import flow
 
-    from flows.spec import CandidateSpec
-    from tasks.compress import compress_task
+    from lockgate.flows.spec import CandidateSpec
+    from lockgate.tasks.compress import compress_task
 
     spec = {"name": "pruned", "steps": [{"prune": {"structure": "mlp_neurons", "sparsity": 0.5}}]}
     candidate = CandidateSpec.model_validate(spec)

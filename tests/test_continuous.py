@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bentos.continuous import ContinuousEngine, engine_shape
-from bentos.runtime import LoadedModel, load_model
+from lockgate.bentos.continuous import ContinuousEngine, engine_shape
+from lockgate.bentos.runtime import LoadedModel, load_model
 
 PROMPTS = [f"Q: what is {a} plus {b}?\nA:" for a, b in [(1, 2), (3, 4), (12, 7), (25, 9), (8, 8)]]
 
@@ -126,7 +126,7 @@ def test_engine_restarts_after_transformers_stopped_it(engine: ContinuousEngine)
 
 def test_out_of_vocabulary_prompt_is_refused_alone(engine: ContinuousEngine) -> None:
     with pytest.raises(IndexError, match="index out of range"):
-        from bentos.continuous import _check_vocabulary
+        from lockgate.bentos.continuous import _check_vocabulary
 
         _check_vocabulary([1, 2, 10_000], rows=300)
     assert asyncio.run(engine.generate(PROMPTS[1], 3, ())).output_tokens >= 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_corpus import (
+from lockgate.tasks.demo.corpus import (
     ADDITION_TEMPLATES,
     EQUATION_FORMS,
     PRETRAIN_MIX,
@@ -23,7 +23,7 @@ from tasks.demo_corpus import (
     operand_pairs,
     pretrain_lines,
 )
-from tasks.demo_model import (
+from lockgate.tasks.demo.model import (
     ADAPTER_DIR,
     BASE_DIR,
     METADATA_FILE,
@@ -148,7 +148,7 @@ def test_bad_arguments_raise() -> None:
 
 # ------------------------------------------------------------------------------------------- model
 def test_cache_key_covers_steps_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.demo_model as demo_model
+    import lockgate.tasks.demo.model as demo_model
 
     key = demo_model_key(QUICK_STEPS)
     assert key == demo_model_key(QUICK_STEPS)

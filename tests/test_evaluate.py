@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.spec import RelativeGate
-from tasks.calibration import expected_calibration_error
-from tasks.evaluate import ModelMetrics, check_gate, check_gates, exact_match
+from lockgate.flows.spec import RelativeGate
+from lockgate.tasks.evaluate import ModelMetrics, check_gate, check_gates, exact_match
+from lockgate.tasks.monitoring.calibration import expected_calibration_error
 
 
 def test_exact_match_takes_first_line_stripped() -> None:
@@ -67,8 +67,8 @@ def test_baseline_quality_is_computed_once_per_baseline_and_rows(
 
     import pandas as pd
 
-    from flows.spec import EvaluateSpec
-    from tasks import evaluate
+    from lockgate.flows.spec import EvaluateSpec
+    from lockgate.tasks import evaluate
 
     rows = pd.DataFrame({"prompt": [f"Q: what is {i} plus 1?\nA:" for i in range(4)], "answer": ["1"] * 4})
     spec = EvaluateSpec(max_samples=4, latency_prompts=5, warmup=0, gates={})
@@ -84,3 +84,36 @@ def test_baseline_quality_is_computed_once_per_baseline_and_rows(
         assert getattr(second.candidate, name) == pytest.approx(getattr(first.baseline, name))
     evaluate.evaluate_pair(tiny_llm_dir, tiny_llm_dir, rows.head(3), spec)  # other rows: computed anew
     assert len(evaluate._BASELINE_QUALITY) == 2
+
+
+def test_baseline_quality_cache_is_bounded(tiny_llm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived process runs release after release: the cache keeps the most recently used baselines
+    only, so it cannot grow with every release."""
+    import pandas as pd
+
+    from lockgate.flows.spec import EvaluateSpec
+    from lockgate.tasks import evaluate
+
+    rows = pd.DataFrame({"prompt": [f"Q: what is {i} plus 2?\nA:" for i in range(4)], "answer": ["2"] * 4})
+    spec = EvaluateSpec(max_samples=4, latency_prompts=5, warmup=0, gates={})
+    monkeypatch.setattr(evaluate, "_BASELINE_QUALITY_MAX", 2)
+    evaluate._BASELINE_QUALITY.clear()
+    for n in (2, 3, 2, 4):  # rows.head(2) is used again before rows.head(4) arrives
+        evaluate.evaluate_pair(tiny_llm_dir, tiny_llm_dir, rows.head(n), spec)
+        assert len(evaluate._BASELINE_QUALITY) <= 2
+    kept = sorted(key[3] for key in evaluate._BASELINE_QUALITY)  # key[3]: the number of rows
+    assert kept == [2, 4]  # head(3), the least recently used, was dropped
+
+
+def test_gates_and_objectives_name_exactly_the_evaluated_metrics() -> None:
+    """One Metric literal for gates and objectives, and it is what the evaluation measures: a metric
+    added to one side only fails here."""
+    from dataclasses import fields
+    from typing import get_args
+
+    from lockgate.flows.spec import EvaluateSpec, Metric, ObjectiveSpec
+    from lockgate.tasks.evaluate import ModelMetrics
+
+    assert get_args(Metric) == tuple(f.name for f in fields(ModelMetrics))
+    assert EvaluateSpec.model_fields["gates"].annotation == dict[Metric, RelativeGate]
+    assert ObjectiveSpec.model_fields["metric"].annotation == Metric

@@ -3,14 +3,14 @@ what the service does with them (unit, then through real HTTP to a running servi
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bentos.feature_flags import (
+from lockgate.bentos.config import ServiceConfig, ServiceEnv
+from lockgate.bentos.feature_flags import (
     FeatureFlags,
     FlagFileError,
     FlagPolicy,
@@ -80,7 +80,7 @@ def test_removal_and_reload_interval(tmp_path: Path) -> None:
     assert remove_flag(path, "x") and not remove_flag(path, "x")
     assert flags.flags() == {}
     assert FeatureFlags.from_env({}) is None
-    assert FeatureFlags.from_env({"LOCKGATE_FEATURE_FLAGS_FILE": os.fspath(path)}) is not None
+    assert FeatureFlags.from_env(ServiceEnv(feature_flags_file=path).to_env()) is not None
 
 
 def test_service_flag_behaviours_only_narrow_a_request(tmp_path: Path) -> None:
@@ -127,20 +127,18 @@ def _generate(client: httpx.Client, url: str, user: str) -> tuple[str, dict]:
 def test_flags_change_what_a_running_service_does_per_user_without_a_restart(
     tmp_path: Path, tiny_llm_dir: Path
 ) -> None:
-    from tasks.serving import launch_service, wait_ready
+    from lockgate.tasks.release.serving import launch_service, wait_ready
 
     path = tmp_path / "flags.json"
     set_flag(path, "max_new_tokens_cap", 50, value=1, description="one-token answers for half the users")
     service = launch_service(
-        "bentos.llm_service:LLMService",
+        "lockgate.bentos.llm_service:LLMService",
         "flags",
         str(tiny_llm_dir),
         tmp_path / "requests.sqlite",
         tmp_path / "logs",
-        extra_env={
-            "LOCKGATE_FEATURE_FLAGS_FILE": str(path),
-            "LOCKGATE_SERVICE_CONFIG": '{"warmup_requests": 1, "max_latency_ms": 1}',
-        },
+        feature_flags_file=path,
+        config=ServiceConfig.model_validate({"warmup_requests": 1, "batching": {"max_latency_ms": 1}}),
         torch_threads=1,
     )
     users = [f"user-{i}" for i in range(16)]

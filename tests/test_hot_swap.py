@@ -3,17 +3,27 @@ without a restart and without a failed request."""
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import mlflow
-from conftest import build_tiny_model
 
-from tasks import registry
-from tasks.serving import start_services
+from conftest import build_tiny_model
+from lockgate.tasks.platform import model_registry as registry
+from lockgate.tasks.release.serving import start_services
+
+
+def _promote(version: registry.ModelVersionRef, stamps: Any) -> None:
+    """Promote, noting when it started and ended (CLOCK_MONOTONIC is the same in every process)."""
+    stamps[0] = time.monotonic()
+    registry.promote(version, "hot swap test")
+    stamps[1] = time.monotonic()
 
 
 def test_stage_transition_switches_served_version_under_load(
@@ -28,17 +38,26 @@ def test_stage_transition_switches_served_version_under_load(
     [service] = start_services(
         [
             {
-                "target": "bentos.llm_service:LLMService",
+                "target": "lockgate.bentos.llm_service:LLMService",
                 "role": "stable",
                 "model_uri": f"models:/{name}/Production",
                 "request_log": tmp_path / "requests.sqlite",
                 "log_dir": tmp_path / "logs",
-                "extra_env": {"LOCKGATE_REGISTRY_POLL_S": "0.5"},
+                "registry_poll_s": 0.5,
             }
         ]
     )
     answers: list[tuple[float, int, str | None, float]] = []  # (answered at, status, version, sent at)
+    livez: list[tuple[float, float]] = []  # (sent at, seconds to answer)
     stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                sent = time.monotonic()
+                client.get(f"{service.url}/livez")
+                livez.append((sent, time.monotonic() - sent))
+                time.sleep(0.05)
 
     def load() -> None:
         with httpx.Client(timeout=30) as client:
@@ -51,14 +70,20 @@ def test_stage_transition_switches_served_version_under_load(
                 answers.append((time.monotonic(), r.status_code, r.json().get("model_version"), sent))
 
     with service:
-        workers = [threading.Thread(target=load) for _ in range(3)]
+        workers = [threading.Thread(target=load) for _ in range(3)] + [threading.Thread(target=probe)]
         for w in workers:
             w.start()
         time.sleep(1.5)
         # The service may switch while promote() is still tagging: time the transition from its start.
-        asked_at = time.monotonic()
-        registry.promote(v2, "hot swap test")
-        promoted_at = time.monotonic()
+        # In another process: MLflow's promote is busy Python, and in this process it would take the
+        # GIL from the client threads, whose timings would then show a stall the service never had.
+        spawn = multiprocessing.get_context("spawn")
+        stamps = spawn.Array("d", 2)
+        promoter = spawn.Process(target=_promote, args=(v2, stamps))
+        promoter.start()
+        promoter.join(90)
+        assert promoter.exitcode == 0, f"promote failed in its process (exit {promoter.exitcode})"
+        asked_at, promoted_at = stamps[0], stamps[1]
         deadline = promoted_at + 30
         while time.monotonic() < deadline and not any(v == v2.version for _, _, v, _ in answers[-3:]):
             time.sleep(0.2)
@@ -79,6 +104,24 @@ def test_stage_transition_switches_served_version_under_load(
     # admitted on v1 before the swap still finishes on v1, possibly after that answer: the old engine
     # runs its admitted requests to the end while the new one already serves.)
     assert {v for _, _, v, s in answers if s > first_new} == {v2.version}
+    # No stall: the longest wait between two answers around the swap (the new version's loading and
+    # warm-up included), against the same measure before the promotion. The goal is < 0.2 s; on a
+    # shared, loaded 2-core machine a request of 2 tokens itself sometimes takes longer, so the bound
+    # asserted is relative to the steady state and absolute at 1 s (it was 2.5-5 s).
+    times = sorted(t for t, _, _, _ in answers)
+    steady = [b - a for a, b in itertools.pairwise(times) if b < asked_at]
+    during = [b - a for a, b in itertools.pairwise(times) if asked_at <= b <= first_new + 2.0]
+    # Reported, not asserted: on this shared machine /livez (a constant answer) also takes > 1 s at times
+    # with no swap near, while the answers around it keep coming.
+    slowest_livez = max((d for s, d in livez if s >= asked_at - 0.5), default=0.0)
+    worst = max((b - a, b) for a, b in itertools.pairwise(times) if asked_at <= b <= first_new + 2.0)
+    print(f"the longest gap ended {worst[1] - promoted_at:+.2f} s after promotion")
+    print(
+        f"hot swap: longest gap between answers {max(during) * 1000:.0f} ms during the swap, "
+        f"{max(steady) * 1000:.0f} ms before; slowest /livez {slowest_livez * 1000:.0f} ms; "
+        f"v2 first answered {first_new - promoted_at:.2f} s after promotion"
+    )
+    assert max(during) < max(1.0, 2 * max(steady)), f"generation stalled {max(during):.2f}s during the swap"
 
 
 def test_recalibration_tag_rescales_confidence_live_and_is_logged(
@@ -86,8 +129,8 @@ def test_recalibration_tag_rescales_confidence_live_and_is_logged(
 ) -> None:
     """The monitor's recalibrate response tags the Production version; the service applies the
     temperature without a reload, and logs the calibrated confidence for the next feedback join."""
-    from bentos.model_resolver import CALIBRATION_TAG
-    from bentos.request_log import RequestLog
+    from lockgate.bentos.model_resolver import CALIBRATION_TAG
+    from lockgate.bentos.request_log import RequestLog
 
     name = f"calib-{uuid.uuid4().hex[:8]}"
     with mlflow.start_run(run_name="calibration-test"):
@@ -97,12 +140,12 @@ def test_recalibration_tag_rescales_confidence_live_and_is_logged(
     [service] = start_services(
         [
             {
-                "target": "bentos.llm_service:LLMService",
+                "target": "lockgate.bentos.llm_service:LLMService",
                 "role": "stable",
                 "model_uri": f"models:/{name}/Production",
                 "request_log": log_path,
                 "log_dir": tmp_path / "logs",
-                "extra_env": {"LOCKGATE_REGISTRY_POLL_S": "0.3"},
+                "registry_poll_s": 0.3,
             }
         ]
     )

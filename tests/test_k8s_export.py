@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import yaml
-from conftest import REPO_ROOT
 from kubernetes import client
 from kubernetes.client import ApiClient
+
+from conftest import REPO_ROOT
 
 
 class _Response:
@@ -25,7 +26,16 @@ def _as(doc: dict, kind: str) -> object:
 
 def test_manifests_parse_and_roll_out_safely() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "export", "k8s", "demo", "--image", "reg/lockgate-demo:1"],
+        [
+            sys.executable,
+            "-m",
+            "lockgate.flows.cli",
+            "export",
+            "k8s",
+            "demo",
+            "--image",
+            "reg/lockgate-demo:1",
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -47,6 +57,6 @@ def test_manifests_parse_and_roll_out_safely() -> None:
     assert container.liveness_probe.http_get.path == "/healthz"
     assert container.readiness_probe.http_get.path == "/readyz"
     env = {e.name: e.value for e in container.env}
-    assert env["LOCKGATE_MODEL_URI"] == "models:/lockgate-demo/Production"
+    assert env["LOCKGATE_MODEL_URI"] == "models:/lockgate-demo@champion"
     assert service.spec.selector == deployment.spec.selector.match_labels
     assert service.spec.ports[0].target_port == container.ports[0].container_port

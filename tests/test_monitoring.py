@@ -9,6 +9,7 @@ language must be.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import uuid
@@ -19,13 +20,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bentos.request_log import RequestLog, RequestRow
-from flows.monitor import request_log_path, run_monitor
-from flows.spec_loader import load_spec
-from tasks.errors import DataValidationError
-from tasks.feedback import evaluate_feedback, fit_temperature, read_feedback
-from tasks.monitor import evidently_drift, parse_snapshot
-from tasks.request_window import text_descriptors, validate_window
+from lockgate.bentos.request_log import RequestLog, RequestRow
+from lockgate.flows.monitor import request_log_path, run_monitor
+from lockgate.flows.spec_loader import load_spec
+from lockgate.tasks.monitor import evidently_drift, parse_snapshot
+from lockgate.tasks.monitoring.feedback import evaluate_feedback, fit_temperature, read_feedback
+from lockgate.tasks.monitoring.window import text_descriptors, validate_window
+from lockgate.tasks.platform.errors import DataValidationError
 
 _WORDS = ["please", "tell", "me", "quickly", "what", "the", "sum", "is", "of", "these", "two", "numbers"]
 _RU = ["пожалуйста", "скажите", "мне", "быстро", "какая", "сумма", "этих", "двух", "чисел", "вопрос", "ответ"]
@@ -203,7 +204,7 @@ def _window(n: int = 30) -> pd.DataFrame:
 
 
 def test_window_validation_names_column_and_expectation() -> None:
-    from flows.spec import MonitorSpec
+    from lockgate.flows.spec import MonitorSpec
 
     spec = MonitorSpec()
     assert validate_window(_window(), spec).successful > 0  # refused rows may lack features
@@ -222,7 +223,7 @@ def test_window_validation_names_column_and_expectation() -> None:
 
 
 def test_snapshot_is_parsed_by_type_and_id_not_position(tmp_path: Path) -> None:
-    from flows.spec import DriftSpec
+    from lockgate.flows.spec import DriftSpec
 
     rng = np.random.default_rng(0)
     reference = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300)})
@@ -237,7 +238,7 @@ def test_snapshot_is_parsed_by_type_and_id_not_position(tmp_path: Path) -> None:
 
 
 def test_large_reference_uses_distances_with_their_threshold(tmp_path: Path) -> None:
-    from flows.spec import DriftSpec
+    from lockgate.flows.spec import DriftSpec
 
     rng = np.random.default_rng(1)
     reference = pd.DataFrame({"a": rng.normal(size=3000), "b": rng.normal(size=3000)})
@@ -271,7 +272,7 @@ def test_feedback_file_errors_name_column_and_line(tmp_path: Path) -> None:
 
 
 def test_feedback_human_judgements_and_temperature_fit() -> None:
-    from flows.spec import FeedbackSpec
+    from lockgate.flows.spec import FeedbackSpec
 
     rng = np.random.default_rng(3)
     n = 400
@@ -301,7 +302,7 @@ def test_monitor_flow_runs_as_a_prefect_flow(
 ) -> None:
     from prefect.client.orchestration import get_client
 
-    from flows.monitor import monitor_flow
+    from lockgate.flows.monitor import monitor_flow
 
     name, spec_file, _, _ = _scenario(tmp_path, tiny_llm_dir, tokenizer, drifted=True, seed=3)
     state = monitor_flow(str(spec_file), name, return_state=True)
@@ -312,3 +313,76 @@ def test_monitor_flow_runs_as_a_prefect_flow(
     assert any(
         r.name.startswith("monitor-") and r.flow_run_id == state.state_details.flow_run_id for r in runs
     )
+
+
+def _served(prompts: list[str], tokenizer, rng: random.Random, text: bool) -> pd.DataFrame:
+    """Served requests as the request log holds them (text columns only when text is logged)."""
+    outputs = [str(rng.randint(0, 40)) for _ in prompts]
+    frame = pd.DataFrame(
+        {
+            "prompt_chars": [len(p) for p in prompts],
+            "prompt_tokens": [len(tokenizer(p)["input_ids"]) for p in prompts],
+            "output_tokens": [len(o) for o in outputs],
+            "latency_ms": [rng.gauss(50, 10) for _ in prompts],
+        }
+    )
+    if text:
+        frame["prompt"], frame["output"] = prompts, outputs
+    return frame
+
+
+def test_replaying_the_reference_is_not_drift(tmp_path: Path, tiny_llm_dir: Path, tokenizer) -> None:
+    from lockgate.flows.spec import MonitorSpec
+    from lockgate.tasks.monitor import drift_report
+    from lockgate.tasks.monitoring.window import reference_prompt_features
+
+    rng = random.Random(7)
+    prompts = [english_prompt(rng) for _ in range(120)]
+    reference = reference_prompt_features(prompts, tiny_llm_dir)
+    baseline = _served(prompts, tokenizer, rng, text=True)
+    for replay in (prompts, rng.sample(prompts, len(prompts))):  # as logged, and in another order
+        current = _served(replay, tokenizer, rng, text=True)
+        result = drift_report(current, reference, MonitorSpec(), tmp_path / "text", baseline)
+        prompts_group = next(g for g in result.groups if g.group == "prompts")
+        assert result.verdict == "no_drift", [c for c in result.columns if c.drifted]
+        assert prompts_group.dataset.count == 0 and len(prompts_group.columns) >= 5
+    # Without logged text only two length features per group exist: they may not decide alone.
+    lengths = drift_report(
+        _served(prompts, tokenizer, rng, text=False), reference, MonitorSpec(), tmp_path / "lengths"
+    )
+    assert lengths.verdict == "insufficient_data"
+    assert any("prompts: 2 compared column(s) < drift.min_columns 3" in note for note in lengths.notes)
+
+
+def test_one_of_two_length_features_cannot_trip_drift(tmp_path: Path, tiny_llm_dir: Path, tokenizer) -> None:
+    from lockgate.flows.spec import MonitorSpec
+    from lockgate.tasks.monitor import drift_report
+    from lockgate.tasks.monitoring.window import reference_prompt_features
+
+    rng = random.Random(8)
+    prompts = [english_prompt(rng) for _ in range(200)]
+    reference = reference_prompt_features(prompts, tiny_llm_dir)
+    current = _served(prompts[:100], tokenizer, rng, text=False)
+    current["prompt_chars"] += 3  # one feature shifts (a changed template), the other does not
+    result = drift_report(current, reference, MonitorSpec(), tmp_path)
+    assert {c.column: c.drifted for c in result.columns} == {"prompt_chars": True, "prompt_tokens": False}
+    assert result.verdict == "insufficient_data"  # was "drift": 1 of 2 columns reached the 0.5 share
+    assert math.isnan(result.drift_share)
+
+
+def test_drifted_count_is_counted_from_the_per_column_table(tmp_path: Path) -> None:
+    from lockgate.flows.spec import DriftSpec
+
+    rng = np.random.default_rng(3)
+    reference = pd.DataFrame({k: rng.normal(size=300) for k in "abc"})
+    current = pd.DataFrame(
+        {"a": rng.normal(0.4, size=200), "b": rng.normal(size=200), "c": rng.normal(size=200)}
+    )
+    # A distance method with a loose threshold: its table says no column drifts, while Evidently's
+    # DriftedColumnsCount (its own default K-S tests) counted column a.
+    spec = DriftSpec(numerical_method="wasserstein", distance_threshold=2.0)
+    dataset, columns, _, json_path, _ = evidently_drift(current, reference, spec, tmp_path, "prompts")
+    assert [c.drifted for c in columns] == [False, False, False]
+    assert (dataset.count, dataset.share) == (0, 0.0)
+    kinds = {m["config"]["type"].rsplit(":", 1)[-1] for m in json.loads(json_path.read_text())["metrics"]}
+    assert kinds == {"ValueDrift"}  # one test per column, nothing else that could disagree

@@ -12,20 +12,23 @@ from pathlib import Path
 import pytest
 from test_service import Server, serve
 
-from bentos.profiling import PHASES, Profile, Sample, format_table, parse_server_timing, percentile
+from lockgate.bentos.config import ServiceConfig
+from lockgate.bentos.profiling import PHASES, Profile, Sample, format_table, parse_server_timing, percentile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    config = '{"max_new_tokens": 32, "warmup_requests": 1, "max_latency_ms": 5}'
+    config = ServiceConfig.model_validate(
+        {"limits": {"max_new_tokens": 32}, "warmup_requests": 1, "batching": {"max_latency_ms": 5}}
+    )
     with serve(tiny_llm_dir, tmp_path_factory.mktemp("profile"), config) as running:
         yield running
 
 
 def _profile(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-c", "from flows.cli import app; app()", "profile", *args]
+    command = [sys.executable, "-c", "from lockgate.flows.cli import app; app()", "profile", *args]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -49,6 +52,17 @@ def test_profile_prints_every_phase_at_p50_and_p99(server: Server, tmp_path: Pat
     for phase in PHASES:
         assert f"\n{phase} " in table.stdout, table.stdout
     assert "4 requests measured, 0 failed" in table.stdout
+
+
+def test_profile_drives_the_openai_chat_endpoint(server: Server, tmp_path: Path) -> None:
+    done = _profile(
+        "--url", server.url, "-n", "6", "--endpoint", "chat", "--json", "-f", str(tmp_path / "none")
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["endpoint"] == "chat" and report["failures"] == []
+    phases = report["phases"]
+    assert phases["decode"]["p50_ms"] > 0 and phases["client"]["p50_ms"] >= phases["total"]["p50_ms"]
 
 
 def test_profile_fails_with_the_refusal_when_requests_are_refused(server: Server, tmp_path: Path) -> None:

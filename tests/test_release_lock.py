@@ -11,10 +11,10 @@ import time
 import uuid
 
 import pytest
-from conftest import REPO_ROOT
 
-from tasks import release_lock
-from tasks.release_lock import ReleaseLocked, ReleaseLockLost
+from conftest import REPO_ROOT
+from lockgate.tasks.release import lock as release_lock
+from lockgate.tasks.release.lock import ReleaseLocked, ReleaseLockLost
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_hold_releases_on_failure(model: str) -> None:
 
 def test_lock_of_a_killed_process_is_taken_over_with_its_phase(model: str) -> None:
     child = _child(
-        "from tasks import release_lock; import time; "
+        "from lockgate.tasks.release import lock as release_lock; import time; "
         f"ref, _ = release_lock.acquire({model!r}, 'doomed'); "
         "release_lock.renew(ref, phase='canary step 3/5 at 25%', services=[424242]); "
         "print('held', flush=True); time.sleep(120)"
@@ -104,7 +104,7 @@ def test_exactly_one_of_racing_processes_wins(model: str) -> None:
     start_at = time.time() + 3  # all children are importing by then; they race on the same instant
     code = (
         "import time, sys\n"
-        "from tasks import release_lock\n"
+        "from lockgate.tasks.release import lock as release_lock\n"
         f"time.sleep(max(0, {start_at} - time.time()))\n"
         "try:\n"
         f"    release_lock.acquire({model!r}, 'racer-' + sys.argv[1])\n"

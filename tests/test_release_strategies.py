@@ -26,17 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import yaml
-from conftest import REPO_ROOT, build_tiny_model, run_cli, tiny_release_spec
 
-from flows.spec import CanarySpec
-from tasks import registry, release_lock
-from tasks.blue_green import run_blue_green
-from tasks.canary import apply_decision, run_canary
-from tasks.registry import ModelVersionRef
-from tasks.serving import ServiceProcess, start_services
-from tasks.shadow import run_shadow
+from conftest import REPO_ROOT, build_tiny_model, run_cli, tiny_release_spec
+from lockgate.bentos.config import ServiceConfig
+from lockgate.flows.spec import CanarySpec
+from lockgate.tasks.platform import model_registry as registry
+from lockgate.tasks.platform.model_registry import ModelVersionRef
+from lockgate.tasks.release import lock as release_lock
+from lockgate.tasks.release.blue_green import run_blue_green
+from lockgate.tasks.release.canary_strategy import run_canary
+from lockgate.tasks.release.outcome import apply_decision
+from lockgate.tasks.release.serving import ServiceProcess, start_services
+from lockgate.tasks.release.shadow import run_shadow
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +57,12 @@ GOOD_PROMPTS = [
 ]
 BAD_PROMPTS = ["Q: what is 3 plus 4?\nA:", "Q: what is 12 plus 7?\nA:"]  # contain BPE merges
 PROMPTS = GOOD_PROMPTS + BAD_PROMPTS
-FAST = '{"max_latency_ms": 1, "warmup_requests": 1}'
+FAST = ServiceConfig.model_validate({"batching": {"max_latency_ms": 1}, "warmup_requests": 1})
 # Slow by waiting 40 ms for a micro-batch to fill: whole-request batching, since the continuous engine
 # never waits for others.
-SLOW = '{"engine": "static", "max_latency_ms": 40, "warmup_requests": 1}'
+SLOW = ServiceConfig.model_validate(
+    {"batching": {"engine": "static", "max_latency_ms": 40}, "warmup_requests": 1}
+)
 
 
 def _partial_vocab_copy(source: Path, target: Path) -> Path:
@@ -96,15 +102,18 @@ class Fleet:
     services: dict[str, ServiceProcess]
 
 
-def _launch(role: str, ref: ModelVersionRef, tmp: Path, config: str = FAST, **extra: str) -> dict:
+def _launch(
+    role: str, ref: ModelVersionRef, tmp: Path, config: ServiceConfig = FAST, **extra: object
+) -> dict:
     return {
-        "target": "bentos.llm_service:LLMService",
+        "target": "lockgate.bentos.llm_service:LLMService",
         "role": role,
         "model_uri": ref.uri,
         "request_log": tmp / f"{role}.sqlite",
         "log_dir": tmp / "logs",
         "torch_threads": 1,  # five services share two cores
-        "extra_env": {"LOCKGATE_SERVICE_CONFIG": config, **extra},
+        "config": config,
+        **extra,
     }
 
 
@@ -235,7 +244,7 @@ def test_blue_green_switches_bakes_and_switches_back(
         max_new_tokens=6,
     )
     production = ModelVersionRef(name, "Production")
-    [service] = start_services([_launch("production", production, tmp_path, LOCKGATE_REGISTRY_POLL_S="0.5")])
+    [service] = start_services([_launch("production", production, tmp_path, registry_poll_s=0.5)])
     with service:
         registry.stage_candidate(v2, "test")
         good = run_blue_green([service], v1, v2, PROMPTS, spec, "test")
@@ -277,7 +286,7 @@ def test_release_killed_mid_canary_is_recovered(tmp_path: Path, tiny_llm_dir: Pa
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     log = (tmp_path / "run.log").open("w")
     run = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "tiny", "-f", str(spec_path)],
+        [sys.executable, "-m", "lockgate.flows.cli", "run", "tiny", "-f", str(spec_path)],
         cwd=REPO_ROOT,
         env=os.environ.copy(),
         stdout=log,
@@ -294,7 +303,7 @@ def test_release_killed_mid_canary_is_recovered(tmp_path: Path, tiny_llm_dir: Pa
         held = release_lock.current(name)
         assert held is not None and held.phase.startswith("canary step"), "never reached the canary"
         # A real service answers behind the release right now; then the release dies without cleanup.
-        assert len(held.services) == 2 and all(Path(f"/proc/{pgid}").exists() for pgid in held.services)
+        assert len(held.services) == 2 and all(psutil.pid_exists(pgid) for pgid in held.services)
         run.send_signal(signal.SIGKILL)
         run.wait(30)
     finally:
@@ -318,7 +327,7 @@ def test_release_killed_mid_canary_is_recovered(tmp_path: Path, tiny_llm_dir: Pa
     assert actions[0].startswith("took over the dead release lock")
     assert sum(a.startswith("stopped orphaned service process group") for a in actions) == 2
     assert actions[-1] == "v2: Staging -> Archived (its canary never reached a decision)"
-    assert not any(Path(f"/proc/{pgid}").exists() for pgid in stale.services)
+    assert not any(psutil.pid_exists(pgid) for pgid in stale.services)
     versions = registry.list_versions(name)
     assert [(v.version, v.stage) for v in versions] == [("2", "Archived"), ("1", "Production")]
     assert [v.version for v in versions if v.stage == "Production"] == ["1"]

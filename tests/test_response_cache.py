@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bentos.response_cache import CachedAnswer, LRUCache, RedisCache, cache_key
+from lockgate.bentos.response_cache import CachedAnswer, LRUCache, RedisCache, cache_key
 
 ANSWER = CachedAnswer("four", prompt_tokens=7, output_tokens=2, finish_reason="eos", confidence=0.91)
 

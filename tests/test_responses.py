@@ -19,17 +19,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.spec import AlertingSpec, FeedbackSpec, ResponseRule, ResponsesSpec, ThrottleSpec, WebhookSpec
-from tasks import registry
-from tasks.alerting import Alerter
-from tasks.feedback import evaluate_feedback
-from tasks.responses import (
+from lockgate.flows.spec import (
+    AlertingSpec,
+    FeedbackSpec,
+    ResponseRule,
+    ResponsesSpec,
+    ThrottleSpec,
+    WebhookSpec,
+)
+from lockgate.tasks.monitoring.alerting import Alerter
+from lockgate.tasks.monitoring.feedback import evaluate_feedback
+from lockgate.tasks.monitoring.responses import (
     TAG_TEMPERATURE,
     Responder,
     ResponseContext,
     ResponseLedger,
+    recalibrate,
     start_retrain,
 )
+from lockgate.tasks.platform import model_registry as registry
+from lockgate.tasks.platform.errors import RegistryError
 
 
 class Receiver:
@@ -117,6 +126,9 @@ def test_rollback_restores_previous_production(
     assert outcome.outcome == "acted", outcome.reason
     assert outcome.detail == {"restored": base.version, "demoted": cand.version}
     assert _production(model_name) == base.version
+    # The champion alias moved with the stage (MLflow webhooks and @champion URIs see the rollback).
+    champion = mlflow.MlflowClient().get_model_version_by_alias(model_name, registry.CHAMPION_ALIAS)
+    assert str(champion.version) == base.version
     event = registry.history(model_name)[-1]
     assert (event.version, event.to_stage, event.trigger) == (cand.version, "Archived", "lockgate-monitor")
     (body,) = receiver.bodies
@@ -150,8 +162,19 @@ def test_fallback_promotes_the_aliased_version_and_can_be_undone(
 def test_recalibrate_tags_production_with_fitted_temperature(
     tmp_path: Path, tiny_llm_dir: Path, model_name: str, receiver: Receiver
 ) -> None:
-    base = _register(tiny_llm_dir, model_name, "baseline")
-    registry.promote_first_production(base, "first")
+    parent = _register(tiny_llm_dir, model_name, "baseline")
+    registry.promote_first_production(parent, "first")
+    # A released candidate, tagged as the release tags it (tasks/register.py): candidate, recipe, gates,
+    # then staged and promoted (decision, reason, trigger, previous production): 7 tags before this.
+    with mlflow.start_run(run_name="test-candidate"):
+        base = registry.log_model_version(
+            tiny_llm_dir,
+            model_name,
+            {registry.TAG_CANDIDATE: "int8", "lockgate.recipe": "quantize", "lockgate.gates": "passed"},
+        )
+    registry.stage_candidate(base, "gates passed")
+    registry.promote(base, "canary passed")
+    assert len(registry.describe_version(base).tags) == 7
     rng = np.random.default_rng(7)
     n = 300
     requests = pd.DataFrame({"request_id": [f"r{i}" for i in range(n)], "ts": np.arange(n), "status": "ok"})
@@ -174,12 +197,37 @@ def test_recalibrate_tags_production_with_fitted_temperature(
         f"ECE {result.calibration.ece:.2f}",
     )
     assert outcome.outcome == "acted", outcome.reason
-    tags = registry.describe_version(base).tags
-    temperature = float(tags[TAG_TEMPERATURE])
+    info = registry.describe_version(base)
+    temperature = float(info.tags[TAG_TEMPERATURE])
     assert temperature > 1.0  # over-confident: softened
-    assert float(tags["lockgate.calibration.ece_after"]) < float(tags["lockgate.calibration.ece_before"])
+    assert len(info.tags) <= registry.MAX_VERSION_TAGS, info.tags
     saved = json.loads((tmp_path / "report" / "calibration.json").read_text())
     assert saved["version"] == base.version and saved["temperature"] == pytest.approx(temperature, rel=1e-5)
+    assert saved["ece_after"] < saved["ece_before"]
+    # The evidence the tags no longer hold is in the version's description, after its decisions.
+    description = mlflow.MlflowClient().get_model_version(model_name, base.version).description
+    assert description.index("### Decisions") < description.index("### Calibration")
+    fitted = f"temperature **{info.tags[TAG_TEMPERATURE]}** fitted on {saved['n']} labelled answers: ECE "
+    assert fitted + f"{saved['ece_before']:.4f} → {saved['ece_after']:.4f}" in description
+
+    # A second recalibration (past the responder's cool-down) overwrites the temperature: still within
+    # the limit, both in the description.
+    recalibrate(model_name, result, tmp_path / "again")
+    after = registry.describe_version(base)
+    assert len(after.tags) == len(info.tags) and float(after.tags[TAG_TEMPERATURE]) != temperature
+    description = mlflow.MlflowClient().get_model_version(model_name, base.version).description
+    assert description.count("fitted on") == 2
+
+
+def test_set_tags_refuses_a_ninth_tag_and_sets_none(tiny_llm_dir: Path, model_name: str) -> None:
+    ref = _register(tiny_llm_dir, model_name, "baseline")
+    registry.set_tags(ref, {f"lockgate.k{i}": "v" for i in range(7)})  # 8 with the role
+    with pytest.raises(RegistryError, match=r"9 tags on a version \(adding lockgate.extra\); at most 8"):
+        registry.set_tags(ref, {"lockgate.k0": "changed", "lockgate.extra": "v"})
+    tags = registry.describe_version(ref).tags
+    assert len(tags) == 8 and tags["lockgate.k0"] == "v"
+    registry.set_tags(ref, {"lockgate.k0": "changed"})  # overwriting is no new tag
+    assert registry.describe_version(ref).tags["lockgate.k0"] == "changed"
 
 
 def test_retrain_without_deployment_starts_lockgate_run(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.spec import ObjectiveSpec, RelativeGate
-from tasks.evaluate import Evaluation, ModelMetrics, check_gate, check_gates
-from tasks.selection import pareto_front, plot_pareto, select_candidate
+from lockgate.flows.spec import ObjectiveSpec, RelativeGate
+from lockgate.tasks.compression.selection import pareto_front, plot_pareto, select_candidate
+from lockgate.tasks.evaluate import Evaluation, ModelMetrics, check_gate, check_gates
 
 PARENT = ModelMetrics(2.0, 0.90, 0.05, 10.0, 12.0, 13.0, 100.0, 8_000_000)
 

@@ -21,9 +21,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bentos.processes import stop_service
-from bentos.request_log import RequestLog
-from bentos.runtime import load_model, weights_size_bytes
+from lockgate.bentos.config import ModelUri, ServiceConfig, ServiceEnv
+from lockgate.bentos.processes import stop_service
+from lockgate.bentos.request_log import RequestLog
+from lockgate.bentos.runtime import load_model, weights_size_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 32
@@ -57,23 +58,24 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(model_dir: Path, workdir: Path, config: str) -> Iterator[Server]:
+def serve(
+    model_dir: Path, workdir: Path, config: ServiceConfig, ready_timeout_s: float = READY_TIMEOUT_S
+) -> Iterator[Server]:
     """``bentoml serve bentos.llm_service:LLMService`` on a free port; waits for /readyz; stops it."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
-    env.update(
-        BENTOML_HOME=str(workdir / "bentoml"),
-        BENTOML_DO_NOT_TRACK="true",
-        LOCKGATE_MODEL_URI=str(model_dir),
-        LOCKGATE_MODEL_NAME="tiny-llm",
-        LOCKGATE_MODEL_VERSION="7",
-        LOCKGATE_SERVICE_ROLE="canary",
-        LOCKGATE_REQUEST_LOG=str(workdir / "requests.db"),
-        LOCKGATE_SERVICE_CONFIG=config,
+    service = ServiceEnv(
+        model_uri=ModelUri.folder(model_dir),
+        model_name="tiny-llm",
+        model_version="7",
+        role="canary",
+        request_log=workdir / "requests.db",
+        config=config,
     )
+    env = service.process_env(os.environ)
+    env.update(BENTOML_HOME=str(workdir / "bentoml"), BENTOML_DO_NOT_TRACK="true")
     stdout, stderr = workdir / "serve.out", workdir / "serve.err"
-    command = [sys.executable, "-m", "bentoml", "serve", "bentos.llm_service:LLMService"]
+    command = [sys.executable, "-m", "bentoml", "serve", "lockgate.bentos.llm_service:LLMService"]
     started = time.monotonic()
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(
@@ -86,14 +88,14 @@ def serve(model_dir: Path, workdir: Path, config: str) -> Iterator[Server]:
         )
     server = Server(f"http://127.0.0.1:{port}", process, workdir / "requests.db", stdout, stderr, 0.0, [])
     try:
-        _wait_ready(server, started)
+        _wait_ready(server, started, ready_timeout_s)
         yield server
     finally:
         stop_service(process)
 
 
-def _wait_ready(server: Server, started: float) -> None:
-    while time.monotonic() - started < READY_TIMEOUT_S:
+def _wait_ready(server: Server, started: float, timeout_s: float) -> None:
+    while time.monotonic() - started < timeout_s:
         if server.process.poll() is not None:
             pytest.fail(f"bentoml serve exited with {server.process.returncode}\n{server.logs()}")
         try:
@@ -105,14 +107,21 @@ def _wait_ready(server: Server, started: float) -> None:
             server.ready_s = time.monotonic() - started
             return
         time.sleep(0.2)
-    pytest.fail(f"/readyz not 200 after {READY_TIMEOUT_S:.0f}s\n{server.logs()}")
+    pytest.fail(f"/readyz not 200 after {timeout_s:.0f}s\n{server.logs()}")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    config = (
-        f'{{"max_new_tokens": {MAX_NEW_TOKENS}, "max_prompt_chars": {MAX_PROMPT_CHARS}, '
-        '"max_batch_size": 8, "max_latency_ms": 25, "warmup_requests": 2, "concurrency": 64}'
+    config = ServiceConfig.model_validate(
+        {
+            "limits": {
+                "max_new_tokens": MAX_NEW_TOKENS,
+                "max_prompt_chars": MAX_PROMPT_CHARS,
+                "concurrency": 64,
+            },
+            "batching": {"max_batch_size": 8, "max_latency_ms": 25},
+            "warmup_requests": 2,
+        }
     )
     with serve(tiny_llm_dir, tmp_path_factory.mktemp("llm-service"), config) as running:
         yield running
@@ -148,6 +157,18 @@ def test_readyz_only_after_load_and_warmup(server: Server) -> None:
     # /readyz answered 503 meanwhile: the server was up but not yet ready.
     assert 503 in server.readyz_codes, server.readyz_codes
     assert "2 warm-up runs" in server.stdout.read_text(), server.logs()
+
+
+def test_openapi_page_describes_the_service_and_its_version(server: Server) -> None:
+    from importlib.metadata import version
+
+    info = httpx.get(f"{server.url}/docs.json", timeout=10).json()["info"]
+    assert info["version"] == version("lockgate")  # BentoML's own: "None" when served from source
+    assert info["title"] == "lockgate LLM service (LLMService)"
+    description = info["description"]
+    assert "**tiny-llm** version **7**" in description and "role `canary`" in description
+    for endpoint in ("POST /generate`", "POST /generate_batch`", "POST /v1/chat/completions`", "/readyz"):
+        assert endpoint in description, endpoint
 
 
 # -- happy paths ---------------------------------------------------------------------------------
@@ -325,7 +346,8 @@ def test_generation_error_is_a_json_500_and_service_recovers(
     tokenizer_ids = load_model(mismatched_model_dir).tokenizer
     bad, good = PROMPT, "ab"
     assert max(tokenizer_ids(bad)["input_ids"]) >= 100 and max(tokenizer_ids(good)["input_ids"]) < 100
-    config = '{"warmup_requests": 0, "max_new_tokens": 8}'  # the warm-up prompt would fail too
+    # the warm-up prompt would fail too
+    config = ServiceConfig.model_validate({"warmup_requests": 0, "limits": {"max_new_tokens": 8}})
     with serve(mismatched_model_dir, tmp_path_factory.mktemp("failing-service"), config) as srv:
         for endpoint in ("generate", "generate_stream"):
             resp = httpx.post(f"{srv.url}/{endpoint}", json={"prompt": bad, "max_new_tokens": 4}, timeout=30)
@@ -398,31 +420,30 @@ def test_runtime_batching_streaming_and_stop_agree(tiny_llm_dir: Path) -> None:
 
 
 def test_settings_from_env_parse_and_reject_unknown_keys() -> None:
-    from bentos.llm_service import ServiceSettings
-
-    settings = ServiceSettings.from_env(
-        {
-            "LOCKGATE_MODEL_URI": "/models/qa-int8",
-            "LOCKGATE_SERVICE_CONFIG": '{"gpu": 1, "max_batch_size": 4}',
-            "LOCKGATE_LOG_TEXT": "1",
-        }
+    folder = ServiceEnv(
+        model_uri=ModelUri.folder("/models/qa-int8"),
+        config=ServiceConfig.model_validate({"resources": {"gpu": 1}, "batching": {"max_batch_size": 4}}),
+        log_text=True,
     )
-    assert (settings.model_name, settings.model_version, settings.role) == ("qa-int8", "unknown", "stable")
-    assert settings.config.gpu == 1 and settings.config.max_batch_size == 4 and settings.log_text
-    assert settings.request_log is None
-    with pytest.raises(ValueError, match=r"(?s)LOCKGATE_SERVICE_CONFIG.*max_batch"):
-        ServiceSettings.from_env({"LOCKGATE_SERVICE_CONFIG": '{"max_batch": 4}'})
-    with pytest.raises(ValueError, match="LOCKGATE_LOG_TEXT"):
-        ServiceSettings.from_env({"LOCKGATE_LOG_TEXT": "maybe"})
+    settings = ServiceEnv.from_env(folder.to_env())
+    assert (settings.label_name, settings.label_version, settings.role) == ("qa-int8", "unknown", "stable")
+    assert settings.config.resources.gpu == 1 and settings.config.batching.max_batch_size == 4
+    assert settings.log_text and settings.request_log is None
+    bad_key = {**ServiceEnv().to_env()}
+    bad_key[next(k for k in bad_key if k.endswith("_CONFIG"))] = '{"batching": {"max_batch": 4}}'
+    with pytest.raises(ValueError, match=r"(?s)SERVICE_CONFIG.*max_batch"):
+        ServiceEnv.from_env(bad_key)
+    flag = next(k for k in folder.to_env() if k.endswith("_LOG_TEXT"))
+    with pytest.raises(ValueError, match=flag):
+        ServiceEnv.from_env({flag: "maybe"})
 
 
 def test_log_text_stores_prompt_and_output(tmp_path: Path) -> None:
-    from bentos.llm_service import Accounting, GenerateRequest, RequestRecord, ServiceSettings
-    from bentos.runtime import Generation
+    from lockgate.bentos.accounting import Accounting, RequestRecord
+    from lockgate.bentos.protocol import GenerateRequest
+    from lockgate.bentos.runtime import Generation
 
-    settings = ServiceSettings.from_env(
-        {"LOCKGATE_REQUEST_LOG": str(tmp_path / "r.db"), "LOCKGATE_LOG_TEXT": "1"}
-    )
+    settings = ServiceEnv(request_log=tmp_path / "r.db", log_text=True)
     accounting = Accounting(settings)
     record = RequestRecord("abc", "generate", time.perf_counter())
     record.describe(GenerateRequest("hello", 4, 0.0, 1.0, None, (), "u1"), settings.log_text)

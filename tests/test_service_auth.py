@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bentos.auth import KeyStore, TokenBucket, add_key, hash_key
-from tasks.serving import ServiceProcess, start_services
+from conftest import run_cli
+from lockgate.bentos.auth import KeyStore, TokenBucket, add_key, hash_key
+from lockgate.bentos.config import ServiceConfig
+from lockgate.tasks.release.serving import ServiceProcess, start_services
 
 PROMPT = {"prompt": "Q: what is 1 plus 1?\nA:", "max_new_tokens": 2}
 
@@ -44,19 +48,19 @@ def keyed_service(
     keys = root / "keys.json"
     fast = add_key(keys, "team-fast", rate_per_s=100, burst=100)
     slow = add_key(keys, "team-slow", rate_per_s=0.2, burst=2)
-    config = {"price_per_1k_prompt_tokens": 1.0, "price_per_1k_completion_tokens": 2.0, "warmup_requests": 1}
+    config = ServiceConfig.model_validate(
+        {"pricing": {"prompt_per_1k_tokens": 1.0, "completion_per_1k_tokens": 2.0}, "warmup_requests": 1}
+    )
     [service] = start_services(
         [
             {
-                "target": "bentos.llm_service:LLMService",
+                "target": "lockgate.bentos.llm_service:LLMService",
                 "role": "stable",
                 "model_uri": str(tiny_llm_dir),
                 "request_log": root / "requests.sqlite",
                 "log_dir": root / "logs",
-                "extra_env": {
-                    "LOCKGATE_API_KEYS_FILE": str(keys),
-                    "LOCKGATE_SERVICE_CONFIG": json.dumps(config),
-                },
+                "api_keys_file": keys,
+                "config": config,
             }
         ]
     )
@@ -96,7 +100,7 @@ def test_metrics_carry_cost_per_customer_and_latency_breakdown(
     httpx.post(
         f"{service.url}/generate", json=PROMPT, headers={"Authorization": f"Bearer {fast}"}, timeout=30
     )
-    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    text = httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {fast}"}, timeout=10).text
     cost_lines = [
         line
         for line in text.splitlines()
@@ -111,3 +115,60 @@ def test_metrics_carry_cost_per_customer_and_latency_breakdown(
     ):
         assert name in text, name
     assert 'status="rejected"' in text  # the 401s and 429s are counted
+
+
+def test_metrics_hide_customers_from_callers_without_a_key(
+    keyed_service: tuple[ServiceProcess, str, str],
+) -> None:
+    service, fast, _ = keyed_service
+    httpx.post(
+        f"{service.url}/generate", json=PROMPT, headers={"Authorization": f"Bearer {fast}"}, timeout=30
+    )
+    for headers in ({}, {"Authorization": "Bearer not-a-key"}):
+        text = httpx.get(f"{service.url}/metrics", headers=headers, timeout=10).text
+        assert "llm_requests_total{" in text  # the rest of the metrics are still there
+        assert "team-fast" not in text and 'customer="' not in text
+    keyed = httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {fast}"}, timeout=10)
+    assert 'customer="team-fast"' in keyed.text
+
+
+def test_requests_with_unknown_keys_are_rate_limited(keyed_service: tuple[ServiceProcess, str, str]) -> None:
+    service, fast, _ = keyed_service
+
+    def guess(i: int) -> httpx.Response:
+        headers = {"Authorization": f"Bearer guess-{i}"}
+        return httpx.post(f"{service.url}/generate", json=PROMPT, headers=headers, timeout=30)
+
+    # At once: the budget for failed attempts is 10 at once + 1/s, whatever the machine's load.
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(guess, range(40)))
+    statuses = [r.status_code for r in codes]
+    assert 401 in statuses and 429 in statuses and set(statuses) == {401, 429}, statuses
+    limited = next(r for r in codes if r.status_code == 429)
+    assert int(limited.headers["Retry-After"]) >= 1
+    # A valid key is not affected by someone else's guessing from the same address.
+    ok = httpx.post(
+        f"{service.url}/generate", json=PROMPT, headers={"Authorization": f"Bearer {fast}"}, timeout=30
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_key_file_is_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "api-keys.json"
+    add_key(path, "team-a", rate_per_s=1, burst=1)
+    add_key(path, "team-b", rate_per_s=1, burst=1)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(json.loads(path.read_text())["keys"]) == 2
+
+
+def test_keys_add_writes_under_lockgate_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "LOCKGATE_API_KEYS_FILE"}
+    env["LOCKGATE_HOME"] = str(home)
+    result = run_cli("keys", "add", "team-c", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    stored = home / "api-keys.json"
+    assert stored.is_file() and stored.stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / ".lockgate").exists()  # not the current directory
+    key = result.stdout.split()[0]
+    assert KeyStore.from_file(stored).admit(f"Bearer {key}").status == 200

@@ -5,17 +5,18 @@ the SQLite request log (WAL mode, row committed before the response's last byte)
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
-from bentos.processes import kill_service_tree
-from bentos.request_log import RequestLog
-from tasks.serving import launch_service, wait_ready
+from lockgate.bentos.config import ServiceConfig
+from lockgate.bentos.processes import kill_service_tree
+from lockgate.bentos.request_log import RequestLog
+from lockgate.tasks.release.serving import launch_service, wait_ready
 
 CLIENTS = 4
 KILL_AFTER_ANSWERS = 30
@@ -37,14 +38,16 @@ def _client(url: str, index: int, answered: list[str], stop: threading.Event) ->
 
 def test_answered_requests_survivekill_service_tree(tiny_llm_dir: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "requests.db"
-    config = {"max_new_tokens": 16, "warmup_requests": 1, "max_latency_ms": 5}
+    config = ServiceConfig.model_validate(
+        {"limits": {"max_new_tokens": 16}, "warmup_requests": 1, "batching": {"max_latency_ms": 5}}
+    )
     service = launch_service(
-        "bentos.llm_service:LLMService",
+        "lockgate.bentos.llm_service:LLMService",
         "stable",
         str(tiny_llm_dir),
         request_log=log_path,
         log_dir=tmp_path / "logs",
-        extra_env={"LOCKGATE_SERVICE_CONFIG": json.dumps(config)},
+        config=config,
     )
     killed: list[int] = []
     try:
@@ -69,7 +72,7 @@ def test_answered_requests_survivekill_service_tree(tiny_llm_dir: Path, tmp_path
         service.stop()
     assert len(answered) >= KILL_AFTER_ANSWERS, service.log_tail()
     assert len(killed) >= 2, f"leader and worker expected, killed {killed}"
-    assert not [pid for pid in killed if Path(f"/proc/{pid}").exists() and _alive(pid)], "a process survived"
+    assert not [pid for pid in killed if _alive(pid)], "a process survived"
     # The rows are still in the write-ahead log (no checkpoint ran at shutdown): reading recovers them.
     assert Path(f"{log_path}-wal").exists()
     with contextlib.closing(sqlite3.connect(log_path)) as conn:
@@ -84,7 +87,6 @@ def test_answered_requests_survivekill_service_tree(tiny_llm_dir: Path, tmp_path
 def _alive(pid: int) -> bool:
     """True unless ``pid`` is gone or a zombie (killed, not yet reaped by its parent)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"

@@ -18,12 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_service import Server, serve
 from websockets.sync.client import connect
 
-from bentos.auth import add_key
-from bentos.chat import ChatMessage, plain_transcript, render_chat
-from bentos.kv_budget import KVAdmission, KVShape, QueueFull, kv_cache_bytes, kv_shape, plan_budget
-from bentos.profiling import parse_server_timing
-from bentos.request_log import RequestLog
-from tasks.serving import start_services
+from lockgate.bentos.auth import add_key
+from lockgate.bentos.chat import ChatMessage, plain_transcript, render_chat
+from lockgate.bentos.config import ServiceConfig
+from lockgate.bentos.kv_budget import KVAdmission, KVShape, QueueFull, kv_cache_bytes, kv_shape, plan_budget
+from lockgate.bentos.profiling import parse_server_timing
+from lockgate.bentos.request_log import RequestLog
+from lockgate.tasks.release.serving import start_services
 
 MAX_NEW_TOKENS = 200
 MAX_PROMPT_CHARS = 400
@@ -37,18 +38,23 @@ PROMPT = "Q: what is 3 plus 4?\nA:"
 
 @pytest.fixture(scope="module")
 def server(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    config = {
-        "max_new_tokens": MAX_NEW_TOKENS,
-        "max_prompt_chars": MAX_PROMPT_CHARS,
-        "max_batch_size": 8,
-        "max_latency_ms": 25,
-        "warmup_requests": 1,
-        "concurrency": 64,
-        "kv_cache_budget_mb": CAPACITY_TOKENS * BYTES_PER_TOKEN / 1e6,
-        "max_queue": MAX_QUEUE,
-        "max_batch_items": 8,
-    }
-    with serve(tiny_llm_dir, tmp_path_factory.mktemp("endpoints"), json.dumps(config)) as running:
+    config = ServiceConfig.model_validate(
+        {
+            "limits": {
+                "max_new_tokens": MAX_NEW_TOKENS,
+                "max_prompt_chars": MAX_PROMPT_CHARS,
+                "concurrency": 64,
+                "max_batch_items": 8,
+            },
+            "batching": {"max_batch_size": 8, "max_latency_ms": 25},
+            "warmup_requests": 1,
+            "capacity": {
+                "kv_cache_budget_mb": CAPACITY_TOKENS * BYTES_PER_TOKEN / 1e6,
+                "max_queue": MAX_QUEUE,
+            },
+        }
+    )
+    with serve(tiny_llm_dir, tmp_path_factory.mktemp("endpoints"), config) as running:
         yield running
 
 
@@ -328,7 +334,8 @@ def test_kv_formula_and_admission_fifo() -> None:
 def test_padded_batches_are_split_to_fit_the_cache() -> None:
     import asyncio
 
-    from bentos.llm_service import GenerateRequest, _Pending, fit_padded_kv
+    from lockgate.bentos.batching import _Pending, fit_padded_kv
+    from lockgate.bentos.protocol import GenerateRequest
 
     loop = asyncio.new_event_loop()
     try:
@@ -399,22 +406,19 @@ def keyed(
     root = tmp_path_factory.mktemp("endpoints-keyed")
     key = add_key(root / "keys.json", "team-ws", rate_per_s=100, burst=100)
     config = {
-        "price_per_1k_prompt_tokens": 1.0,
-        "price_per_1k_completion_tokens": 2.0,
+        "pricing": {"prompt_per_1k_tokens": 1.0, "completion_per_1k_tokens": 2.0},
         "warmup_requests": 1,
         "response_cache": {"enabled": True, "max_entries": 64},
         "tracing": {"exporter": "otlp", "endpoint": otlp_collector[0], "export_interval_ms": 100},
     }
     launch = {
-        "target": "bentos.llm_service:LLMService",
+        "target": "lockgate.bentos.llm_service:LLMService",
         "role": "stable",
         "model_uri": str(tiny_llm_dir),
         "request_log": root / "requests.db",
         "log_dir": root / "logs",
-        "extra_env": {
-            "LOCKGATE_API_KEYS_FILE": str(root / "keys.json"),
-            "LOCKGATE_SERVICE_CONFIG": json.dumps(config),
-        },
+        "api_keys_file": root / "keys.json",
+        "config": ServiceConfig.model_validate(config),
     }
     [service] = start_services([launch])
     try:
@@ -511,8 +515,9 @@ def test_request_phases_are_exported_as_opentelemetry_spans(
     assert attributes["http.response.status_code"].int_value == 200
 
 
-def _cost(url: str, customer: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def _cost(url: str, customer: str, key: str) -> float:
+    # With keys on, the per-customer series are shown only to a caller with a valid key.
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
@@ -527,12 +532,12 @@ def test_websocket_and_batch_use_api_keys_and_cost_accounting(keyed: tuple[str, 
     with connect(ws_url) as ws:  # no key: refused at once, before the request is read
         reply = json.loads(ws.recv())
     assert (reply["type"], reply["status"], reply["field"]) == ("error", 401, "authorization"), reply
-    before = _cost(url, "team-ws")
+    before = _cost(url, "team-ws", key)
     with connect(ws_url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
         ws.send(json.dumps({"prompt": PROMPT, "max_new_tokens": 4}))
         kinds = [json.loads(m)["type"] for m in ws]
     assert kinds[0] == "start" and kinds[-1] == "done", kinds
-    after_ws = _cost(url, "team-ws")
+    after_ws = _cost(url, "team-ws", key)
     assert after_ws > before
     unauthorised = httpx.post(f"{url}/generate_batch", json={"requests": [{"prompt": PROMPT}]}, timeout=30)
     assert unauthorised.status_code == 401 and unauthorised.json()["field"] == "authorization"
@@ -544,4 +549,5 @@ def test_websocket_and_batch_use_api_keys_and_cost_accounting(keyed: tuple[str, 
     )
     assert [r["status_code"] for r in resp.json()["results"]] == [200, 200], resp.text
     tokens = sum(r["prompt_tokens"] + 2 * r["output_tokens"] for r in resp.json()["results"])
-    assert _cost(url, "team-ws") == pytest.approx(after_ws + tokens / 1000)  # each item priced for its key
+    # each item priced for its key
+    assert _cost(url, "team-ws", key) == pytest.approx(after_ws + tokens / 1000)

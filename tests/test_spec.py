@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flows.spec import PipelinesFile
-from flows.spec_loader import (
+from lockgate.flows.spec import PipelinesFile
+from lockgate.flows.spec_loader import (
     SCHEMA_PATH,
     json_schema,
     json_schema_text,
@@ -20,7 +20,7 @@ from flows.spec_loader import (
     resolved_spec,
     write_json_schema,
 )
-from tasks.errors import SpecError
+from lockgate.tasks.platform.errors import SpecError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FILE = "p.yaml"
@@ -402,3 +402,86 @@ def test_a_step_that_could_never_be_judged_is_refused() -> None:
         "p.yaml:12:7: pipelines.demo.canary: "
         "step 5% needs 900 canary requests > max_requests_per_step (400): it could never be judged"
     ]
+
+
+# ------------------------------------------------------------------- datasets a step needs
+OWN_MODEL = """\
+version: 1
+pipelines:
+  own:
+    model: {source: HuggingFaceTB/SmolLM2-135M-Instruct}
+    data:
+      eval: {source: eval.jsonl}
+    compress:
+      candidates:
+        - name: pruned
+          steps:
+            - prune: {structure: mlp_neurons, importance: taylor}
+            - recover: {steps: 10}
+        - name: student
+          steps:
+            - distill: {layers_ratio: 0.5}
+    tracking:
+      registered_model: own-llm
+"""
+
+
+def test_a_dataset_a_step_trains_on_must_be_given_for_a_real_model() -> None:
+    assert problems_of(OWN_MODEL) == [
+        "p.yaml:11:15: pipelines.own.data.calibration: step 1 (prune) of candidate 'pruned' uses "
+        "data.calibration, which the spec does not give; the built-in demo rows apply only to "
+        "model.source: demo - add data.calibration: {source: <file .jsonl/.csv/.parquet>}",
+        "p.yaml:12:15: pipelines.own.data.train: step 2 (recover) of candidate 'pruned' uses data.train, "
+        "which the spec does not give; the built-in demo rows apply only to model.source: demo - add "
+        "data.train: {source: <file .jsonl/.csv/.parquet>}",
+        "p.yaml:15:15: pipelines.own.data.train: step 1 (distill) of candidate 'student' uses data.train, "
+        "which the spec does not give; the built-in demo rows apply only to model.source: demo - add "
+        "data.train: {source: <file .jsonl/.csv/.parquet>}",
+        "p.yaml:15:15: pipelines.own.data.calibration: step 1 (distill) of candidate 'student' uses "
+        "data.calibration, which the spec does not give; the built-in demo rows apply only to "
+        "model.source: demo - add data.calibration: {source: <file .jsonl/.csv/.parquet>}",
+    ]
+
+
+def test_given_datasets_or_the_demo_model_need_no_more() -> None:
+    given = OWN_MODEL.replace(
+        "      eval: {source: eval.jsonl}\n",
+        "      eval: {source: eval.jsonl}\n      train: {source: train.jsonl}\n"
+        "      calibration: {source: demo}\n",  # an explicit choice, kept
+    )
+    assert load_spec_text(given, FILE).pipelines["own"].data.train.source == "train.jsonl"
+    sized_only = given.replace("train: {source: train.jsonl}", "train: {max_samples: 50}")
+    assert [p.split(": ")[1] for p in problems_of(sized_only)] == ["pipelines.own.data.train"] * 2
+    demo = OWN_MODEL.replace("    model: {source: HuggingFaceTB/SmolLM2-135M-Instruct}\n", "")
+    assert load_spec_text(demo, FILE).pipelines["own"].data.train.source == "demo"
+
+
+def test_steps_that_need_no_dataset_need_none_given() -> None:
+    plain = MINIMAL.replace("  demo:\n", "  demo:\n    model: {source: ./my-model}\n")
+    assert load_spec_text(plain, FILE).pipelines["demo"].model.source == "./my-model"
+    static = plain.replace("{bits: 8}", "{bits: 8, mode: static}")
+    assert problems_of(static)[0].startswith(
+        "p.yaml:9:15: pipelines.demo.data.calibration: step 1 (quantize)"
+    )
+
+
+def test_quantizing_steps_share_one_grid_definition() -> None:
+    from lockgate.flows.spec import QatStep, QuantGrid, QuantizeStep, SensitivityStep
+
+    grid = set(QuantGrid.model_fields)
+    assert grid == {"bits", "granularity", "group_size"}
+    for step in (QuantizeStep, SensitivityStep, QatStep):
+        assert issubclass(step, QuantGrid) and grid <= set(step.model_fields)
+    # sensitivity probes the following quantize step's grid unless told otherwise (None)
+    assert (QuantizeStep().bits, SensitivityStep().bits, QatStep().bits) == (8, None, 4)
+    for step in (QuantizeStep, QatStep):  # their results pack 4-bit codes two per byte
+        with pytest.raises(ValueError, match="group_size: 4-bit codes are packed two per byte, 33 is odd"):
+            step(bits=4, granularity="group", group_size=33)
+
+
+def test_monitor_latency_bound_is_not_the_batch_wait() -> None:
+    from lockgate.flows.spec import MonitorSpec
+
+    assert MonitorSpec(max_plausible_latency_ms=1000).max_plausible_latency_ms == 1000
+    with pytest.raises(ValueError, match="max_latency_ms was renamed max_plausible_latency_ms"):
+        MonitorSpec.model_validate({"max_latency_ms": 1000})

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import Settings
+from lockgate.tasks.platform.settings import Settings
 
 
 def test_threads_is_the_default_runner() -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from tasks.task_runners import release_task_runner
+    from lockgate.tasks.platform.task_runners import release_task_runner
 
     assert isinstance(release_task_runner(Settings()), ThreadPoolTaskRunner)
 
@@ -21,7 +21,7 @@ def test_threads_is_the_default_runner() -> None:
 def test_dask_runner_uses_a_local_cluster_or_the_configured_scheduler() -> None:
     from prefect_dask import DaskTaskRunner
 
-    from tasks.task_runners import release_task_runner
+    from lockgate.tasks.platform.task_runners import release_task_runner
 
     local = release_task_runner(Settings(task_runner="dask", dask_workers=3))
     assert isinstance(local, DaskTaskRunner)
@@ -32,14 +32,14 @@ def test_dask_runner_uses_a_local_cluster_or_the_configured_scheduler() -> None:
 
 
 def test_missing_postgres_binaries_say_how_to_install_them(tmp_path: Path) -> None:
-    from tasks.team_stack import StackError, postgres_bin_dir
+    from lockgate.tasks.platform.team_stack import StackError, postgres_bin_dir
 
     with pytest.raises(StackError, match=r"LOCKGATE_POSTGRES_BIN=.* holds no initdb.*make postgres"):
         postgres_bin_dir(Settings(postgres_bin=tmp_path))
 
 
 def test_stack_environment_points_every_client_at_the_servers() -> None:
-    from tasks.team_stack import StackState, export_lines, stack_environment
+    from lockgate.tasks.platform.team_stack import StackState, export_lines, stack_environment
 
     state = StackState(
         home="/srv/lockgate",
@@ -55,6 +55,7 @@ def test_stack_environment_points_every_client_at_the_servers() -> None:
     assert env["LOCKGATE_MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5001"
     assert env["LOCKGATE_PREFECT_API_URL"] == env["PREFECT_API_URL"] == "http://127.0.0.1:4201/api"
     assert env["LOCKGATE_LOCK_URL"] == "postgresql+psycopg2://lockgate:pw@127.0.0.1:5999/lockgate"
+    assert env["LOCKGATE_LIVE_LOG_URL"] == env["LOCKGATE_LOCK_URL"]  # routers' live rows: the team's database
     assert "export LOCKGATE_HOME='/srv/lockgate'\n" in export_lines(state)
     settings = Settings(
         mlflow_tracking_uri=env["LOCKGATE_MLFLOW_TRACKING_URI"],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import REPO_ROOT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,11 @@ def stack() -> Iterator[Stack]:
         yield Stack(home, env)
     finally:
         subprocess.run(
-            [sys.executable, "-m", "flows.cli", "down"], cwd=REPO_ROOT, env=env, timeout=300, check=False
+            [sys.executable, "-m", "lockgate.flows.cli", "down"],
+            cwd=REPO_ROOT,
+            env=env,
+            timeout=300,
+            check=False,
         )
         shutil.rmtree(home, ignore_errors=True)  # the stopped cluster, artifacts and logs
 
@@ -210,7 +215,11 @@ def test_stack_runs_the_release_deployment_on_a_worker_with_dask_through_an_mlfl
 
     _wait_task(stack, run_id, "register")
     restarted = subprocess.run(
-        [sys.executable, "-c", "from tasks.team_stack import restart_mlflow; restart_mlflow()"],
+        [
+            sys.executable,
+            "-c",
+            "from lockgate.tasks.platform.team_stack import restart_mlflow; restart_mlflow()",
+        ],
         cwd=REPO_ROOT,
         env=stack.env,
         capture_output=True,
@@ -282,7 +291,7 @@ def test_worker_killed_mid_flow_crashes_the_run_and_a_rerun_completes(stack: Sta
     first = _start_run(stack, "release/demo-release")
     _wait_task(stack, first, "compress")
 
-    from tasks.team_stack import StackState
+    from lockgate.tasks.platform.team_stack import StackState
 
     state_file = stack.home / "home" / "team-stack" / "stack.json"
     state = StackState(**yaml.safe_load(state_file.read_text()))
@@ -294,7 +303,7 @@ def test_worker_killed_mid_flow_crashes_the_run_and_a_rerun_completes(stack: Sta
     psutil.wait_procs(tree, timeout=30)
 
     replacement = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "worker", "--name", "lockgate-worker-2"],
+        [sys.executable, "-m", "lockgate.flows.cli", "worker", "--name", "lockgate-worker-2"],
         cwd=REPO_ROOT,
         env=stack.env,
         stdout=subprocess.DEVNULL,

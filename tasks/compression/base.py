@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lockgate.flows.spec import QuantizeStep
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,8 @@ class StepContext:
     seed: int = 0
     #: The ignore list a preceding sensitivity step wrote, for ``quantize: {ignore: auto}``.
     auto_ignore: tuple[str, ...] | None = None
+    #: The quantize step that follows a sensitivity step: its scheme is what sensitivity probes.
+    next_quantize: QuantizeStep | None = None
 
 
 @dataclass(frozen=True)

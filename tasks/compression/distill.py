@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.compression.base import StepContext, StepOutcome
-from tasks.compression.training import (
+from lockgate.tasks.compression.base import StepContext, StepOutcome
+from lockgate.tasks.compression.training import (
     EVAL_ROWS,
     collate,
     encode_pairs,
@@ -47,15 +47,15 @@ from tasks.compression.training import (
     pad_id_of,
     save_model,
 )
-from tasks.errors import StageFailed
-from tasks.log import get_logger
+from lockgate.tasks.platform.errors import StageFailed
+from lockgate.tasks.platform.log import get_logger
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from flows.spec import DistillStep
+    from lockgate.flows.spec import DistillStep
 
 log = get_logger(__name__)
 

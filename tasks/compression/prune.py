@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.compression.base import StepContext, StepOutcome
-from tasks.compression.training import (
+from lockgate.tasks.compression.base import StepContext, StepOutcome
+from lockgate.tasks.compression.training import (
     Encoded,
     causal_lm_loss,
     collate,
@@ -44,14 +44,14 @@ from tasks.compression.training import (
     pad_id_of,
     save_model,
 )
-from tasks.errors import StageFailed
-from tasks.log import get_logger
+from lockgate.tasks.platform.errors import StageFailed
+from lockgate.tasks.platform.log import get_logger
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from flows.spec import PruneStep
+    from lockgate.flows.spec import PruneStep
 
 log = get_logger(__name__)
 

@@ -14,17 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.compression.base import StepContext, StepOutcome
-from tasks.compression.quantize import linear_names, probe_ids, quantize_in_place, save_verified, split_layers
-from tasks.errors import StageFailed
-from tasks.log import get_logger
+from lockgate.tasks.compression.base import StepContext, StepOutcome
+from lockgate.tasks.compression.quantize import (
+    linear_names,
+    probe_ids,
+    quantize_in_place,
+    save_verified,
+    split_layers,
+)
+from lockgate.tasks.platform.errors import StageFailed
+from lockgate.tasks.platform.log import get_logger
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from bentos.quantized import QuantScheme
-    from flows.spec import QatStep
+    from lockgate.bentos.quantized import QuantScheme
+    from lockgate.flows.spec import QatStep
 
 log = get_logger(__name__)
 
@@ -37,7 +43,7 @@ def _fake_quant_linear_class() -> type:
     import torch
     import torch.nn.functional as F
 
-    from bentos.quantized import dequantize_weight, quantize_weight
+    from lockgate.bentos.quantized import dequantize_weight, quantize_weight
 
     class FakeQuantLinear(torch.nn.Module):
         """Wraps a Linear: forward uses the rounded weights, backward reaches the float weights (STE)."""
@@ -115,7 +121,7 @@ def apply(current: Path, out: Path, step: QatStep, context: StepContext) -> Step
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bentos.quantized import QuantScheme, set_submodule
+    from lockgate.bentos.quantized import QuantScheme, set_submodule
 
     pairs = list(context.train_pairs)
     if not pairs:

@@ -24,18 +24,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.compression.base import StepContext, StepOutcome
-from tasks.errors import StageFailed
-from tasks.log import get_logger
+from lockgate.tasks.compression.base import StepContext, StepOutcome
+from lockgate.tasks.compression.layer_inputs import visit_layer_inputs
+from lockgate.tasks.platform.errors import StageFailed
+from lockgate.tasks.platform.log import get_logger
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
 
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from bentos.quantized import QuantScheme
-    from flows.spec import QuantizeStep
+    from lockgate.bentos.quantized import QuantScheme
+    from lockgate.flows.spec import QuantizeStep
 
 log = get_logger(__name__)
 
@@ -91,7 +91,7 @@ def split_layers(
 
 
 def scheme_of(step: QuantizeStep) -> QuantScheme:
-    from bentos.quantized import QuantScheme
+    from lockgate.bentos.quantized import QuantScheme
 
     return QuantScheme(
         bits=step.bits,
@@ -99,12 +99,13 @@ def scheme_of(step: QuantizeStep) -> QuantScheme:
         granularity=step.granularity,
         group_size=step.group_size,
         mode=step.mode,
+        activations=step.activations,
     )
 
 
 def weight_error(weight: torch.Tensor, scheme: QuantScheme) -> tuple[float, float, float]:
     """(max |W − dequant(quant(W))|, largest half step, max error / own group's half step)."""
-    from bentos.quantized import dequantize_weight, quantize_weight, rounding_bound
+    from lockgate.bentos.quantized import dequantize_weight, quantize_weight, rounding_bound
 
     q, scale, zero = quantize_weight(weight, scheme)
     w = weight.detach().float()
@@ -131,28 +132,55 @@ def calibrate_input_ranges(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, names: list[str], prompts: tuple[str, ...]
 ) -> dict[str, tuple[float, float]]:
     """Min and max input of each named Linear over the calibration prompts (static mode)."""
-    import torch
 
     ranges: dict[str, list[float]] = {n: [0.0, 0.0] for n in names}
 
-    def observer(name: str) -> Callable[[torch.nn.Module, tuple], None]:
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            seen = ranges[name]
-            seen[0] = min(seen[0], float(args[0].min()))
-            seen[1] = max(seen[1], float(args[0].max()))
+    def widen(name: str, x: torch.Tensor) -> None:
+        seen = ranges[name]
+        seen[0] = min(seen[0], float(x.min()))
+        seen[1] = max(seen[1], float(x.max()))
 
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(observer(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            # One prompt at a time: padding would widen the ranges with values real inputs never have.
-            for prompt in prompts:
-                model(**tokenizer(prompt, return_tensors="pt"))
-    finally:
-        for handle in handles:
-            handle.remove()
+    visit_layer_inputs(model, tokenizer, names, prompts, widen)
     return {n: (lo, hi) for n, (lo, hi) in ranges.items()}
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Input range of one Linear over the calibration prompts: what activation quantization faces."""
+
+    name: str
+    min: float
+    max: float
+    #: Largest |x| of any token over the median token's largest |x|: how much a per-call (per-tensor)
+    #: grid is stretched by outlier tokens. SmolLM2's layer-11 down_proj: ~2,000.
+    outlier_ratio: float
+
+
+def activation_stats(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, names: list[str], prompts: tuple[str, ...]
+) -> tuple[ActivationStats, ...]:
+    """Per-layer input ranges and outlier ratios over ``prompts`` (one prompt at a time: padding
+    would add values that real inputs never have)."""
+    import torch
+
+    lows: dict[str, float] = dict.fromkeys(names, 0.0)
+    highs: dict[str, float] = dict.fromkeys(names, 0.0)
+    token_max: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        lows[name] = min(lows[name], float(x.min()))
+        highs[name] = max(highs[name], float(x.max()))
+        token_max[name].append(x.abs().reshape(-1, x.shape[-1]).amax(dim=1))
+
+    visit_layer_inputs(model, tokenizer, names, prompts, record)
+    stats = []
+    for name in names:
+        rows = torch.cat(token_max[name]) if token_max[name] else torch.zeros(1)
+        median = float(rows.median())
+        ratio = float(rows.max()) / median if median > 0 else 0.0
+        stats.append(ActivationStats(name, lows[name], highs[name], ratio))
+    return tuple(stats)
 
 
 def probe_ids(tokenizer: PreTrainedTokenizerBase, prompts: tuple[str, ...]) -> torch.Tensor:
@@ -167,7 +195,7 @@ def save_verified(
     """Save in lockgate's format and reload: the logits must be bit-identical, or the step fails."""
     import torch
 
-    from bentos.quantized import load_quantized, save_quantized
+    from lockgate.bentos.quantized import load_quantized, save_quantized
 
     with torch.inference_mode():
         before = model(input_ids=ids).logits
@@ -184,11 +212,38 @@ def quantize_in_place(
     model: PreTrainedModel, names: list[str], scheme: QuantScheme, input_ranges: dict | None = None
 ) -> tuple[LayerError, ...]:
     """Replace ``names`` with QuantLinear modules; returns their errors measured before replacement."""
-    from bentos.quantized import quantize_linears
+    from lockgate.bentos.quantized import quantize_linears
 
     errors = layer_errors(model, names, scheme)
     quantize_linears(model, names, scheme, input_ranges)
     return errors
+
+
+def gptq_in_place(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    names: list[str],
+    scheme: QuantScheme,
+    prompts: tuple[str, ...],
+) -> tuple[LayerError, ...]:
+    """Replace ``names`` with GPTQ-quantized QuantLinears (Hessians from one float pass over
+    ``prompts``); errors are measured on GPTQ's own codes, so the rounding bound no longer holds
+    weight by weight: GPTQ trades weight error for output error."""
+    from lockgate.bentos.quantized import rounding_bound, set_submodule
+    from lockgate.tasks.compression.gptq import gptq_linear, hessians
+
+    grams = hessians(model, tokenizer, names, prompts)
+    errors = []
+    for name in names:
+        linear = model.get_submodule(name)
+        module = gptq_linear(linear, grams.pop(name), scheme)
+        error = (linear.weight.detach().float() - module.dequantized_weight()).abs()
+        half_step = rounding_bound(module.scale)
+        rows, groups = module.scale.shape
+        ratio = float((error.reshape(rows, groups, -1) / half_step[..., None]).amax())
+        errors.append(LayerError(name, float(error.max()), float(half_step.max()), ratio))
+        set_submodule(model, name, module)
+    return tuple(errors)
 
 
 def resolve_backend(step: QuantizeStep, device: str) -> str:
@@ -208,19 +263,34 @@ def _quantize_torch(
     tokenizer = AutoTokenizer.from_pretrained(current)
     model = AutoModelForCausalLM.from_pretrained(current, dtype="float32").eval()
     ranges = None
-    if step.mode == "static":
-        prompts = context.calibration_prompts[: step.calibration_samples]
-        if not prompts:
+    prompts = context.calibration_prompts[: step.calibration_samples]
+    needs_prompts = {
+        "mode static": step.mode == "static",
+        "method gptq": step.method == "gptq",
+        "smoothing_alpha": step.smoothing_alpha is not None,
+    }
+    for field, needed in needs_prompts.items():
+        if needed and not prompts:
             raise StageFailed(
-                "compress", "quantize.mode static needs calibration prompts; data.calibration is empty"
+                "compress", f"quantize.{field} needs calibration prompts; data.calibration is empty"
             )
-        ranges = calibrate_input_ranges(model, tokenizer, names, prompts)
+    if step.smoothing_alpha is not None:
+        from lockgate.tasks.compression.smoothing import smooth_llama
+
+        smooth_llama(model, tokenizer, prompts, step.smoothing_alpha, set(names))
+    # Activation ranges are reported in every mode: they say whether dynamic/static would suffer.
+    stats = activation_stats(model, tokenizer, names, prompts) if prompts else ()
+    if step.mode == "static":
+        ranges = {s.name: (s.min, s.max) for s in stats}
     try:
-        errors = quantize_in_place(model, names, scheme_of(step), ranges)
+        if step.method == "gptq":
+            errors = gptq_in_place(model, tokenizer, names, scheme_of(step), prompts)
+        else:
+            errors = quantize_in_place(model, names, scheme_of(step), ranges)
     except ValueError as exc:  # e.g. "group_size: 48 does not divide in_features 64"
         raise StageFailed("compress", f"quantize.{exc}") from exc
     save_verified(model, tokenizer, out, probe_ids(tokenizer, context.calibration_prompts))
-    return errors
+    return errors, stats
 
 
 def _quantize_torchao(current: Path, out: Path, step: QuantizeStep, device: str, kept: list[str]) -> None:
@@ -284,8 +354,9 @@ def apply(current: Path, out: Path, step: QuantizeStep, context: StepContext) ->
         raise StageFailed("compress", f"quantize.ignore {list(ignore)} leaves no Linear layer to quantize")
     backend = resolve_backend(step, context.device)
     log.info("quantize: %d Linear layers, %d kept in float, backend %s", len(quantized), len(kept), backend)
+    stats: tuple[ActivationStats, ...] = ()
     if backend == "torch":
-        errors = _quantize_torch(current, out, step, context, quantized)
+        errors, stats = _quantize_torch(current, out, step, context, quantized)
     else:
         # Third-party backends: errors of lockgate's grid for the same scheme, as the estimate.
         reference = AutoModelForCausalLM.from_pretrained(current, dtype="float32")
@@ -300,6 +371,14 @@ def apply(current: Path, out: Path, step: QuantizeStep, context: StepContext) ->
         AutoTokenizer.from_pretrained(current).save_pretrained(out)
     worst_abs = max(e.max_abs_error / e.bound for e in errors)
     worst_group = max(e.max_error_over_group_bound for e in errors)
+    activation_metrics = (
+        {
+            "max_activation_abs": max(max(-s.min, s.max) for s in stats),
+            "max_activation_outlier_ratio": max(s.outlier_ratio for s in stats),
+        }
+        if stats
+        else {}
+    )
     return StepOutcome(
         folder=out,
         metrics={
@@ -308,6 +387,7 @@ def apply(current: Path, out: Path, step: QuantizeStep, context: StepContext) ->
             "bits": step.bits,
             "max_layer_error_over_bound": worst_abs,
             "max_error_over_group_bound": worst_group,
+            **activation_metrics,
         },
         report={
             "backend": backend,
@@ -316,6 +396,7 @@ def apply(current: Path, out: Path, step: QuantizeStep, context: StepContext) ->
             "quantized_layers": quantized,
             "kept_layers": kept,
             "layer_errors": [asdict(e) for e in errors],
+            "activation_stats": [asdict(s) for s in stats],
             "errors_measured_on": "lockgate format" if backend == "torch" else "lockgate grid (estimate)",
         },
     )

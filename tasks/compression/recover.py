@@ -16,8 +16,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.compression.base import StepContext, StepOutcome
-from tasks.compression.training import (
+from lockgate.tasks.compression.base import StepContext, StepOutcome
+from lockgate.tasks.compression.training import (
     EVAL_ROWS,
     causal_lm_loss,
     collate,
@@ -28,13 +28,13 @@ from tasks.compression.training import (
     pad_id_of,
     save_model,
 )
-from tasks.errors import StageFailed
-from tasks.log import get_logger
+from lockgate.tasks.platform.errors import StageFailed
+from lockgate.tasks.platform.log import get_logger
 
 if TYPE_CHECKING:
     import torch
 
-    from flows.spec import RecoverStep
+    from lockgate.flows.spec import RecoverStep
 
 log = get_logger(__name__)
 

@@ -1,7 +1,10 @@
 """The ``sensitivity`` step: which blocks (or Linears) lose the most when quantized alone.
 
-Each unit is quantized on its own (symmetric, weight-only, at the probed bit width) and the
-perplexity of the calibration prompts is compared with the unquantized model. Units whose
+Each unit is quantized on its own with the scheme of the quantize step that follows (its bits,
+granularity and mode: weight-only, dynamic or static activations; a field set on the sensitivity
+step overrides it) and the perplexity of the calibration prompts is compared with the unquantized
+model. Probing the recipe's own mode matters: a weight-only probe cannot see activation outliers
+(SmolLM2's down_proj inputs near 3,000), which only dynamic/static quantization suffers from. Units whose
 perplexity rises more than ``max_increase_pct`` become the ignore list a following
 ``quantize: {ignore: auto}`` keeps in float. The weights are not changed: the step's folder is a
 copy of its input.
@@ -15,15 +18,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.compression.base import StepContext, StepOutcome
-from tasks.compression.quantize import block_indices, linear_names
-from tasks.errors import StageFailed
-from tasks.log import get_logger
+from lockgate.tasks.compression.base import StepContext, StepOutcome
+from lockgate.tasks.compression.quantize import block_indices, linear_names
+from lockgate.tasks.platform.errors import StageFailed
+from lockgate.tasks.platform.log import get_logger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from flows.spec import SensitivityStep
+    from lockgate.bentos.quantized import QuantScheme
+    from lockgate.flows.spec import QuantizeStep, SensitivityStep
 
 log = get_logger(__name__)
 
@@ -79,22 +83,52 @@ def copy_model_files(current: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
+def probe_scheme(step: SensitivityStep, following: QuantizeStep | None) -> QuantScheme:
+    """The sensitivity step's own fields, else the following quantize step's, else the defaults
+    of a lone probe (int4 per-channel weight-only, as before the fields followed the recipe)."""
+    from lockgate.bentos.quantized import QuantScheme
+
+    def pick(field: str, alone: object) -> object:
+        own = getattr(step, field)
+        if own is not None:
+            return own
+        return getattr(following, field) if following is not None else alone
+
+    return QuantScheme(
+        bits=pick("bits", 4),
+        symmetric=following is None or following.scheme == "symmetric",
+        granularity=pick("granularity", "per_channel"),
+        group_size=pick("group_size", 32),
+        mode=pick("mode", "weight_only"),
+        activations=pick("activations", "per_token"),
+    )
+
+
 def apply(current: Path, out: Path, step: SensitivityStep, context: StepContext) -> StepOutcome:
     """Probe each unit; ``auto_ignore`` lists those over ``max_increase_pct``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bentos.quantized import QuantScheme, quantize_linears, set_submodule
+    from lockgate.bentos.quantized import quantize_linears, set_submodule
+    from lockgate.tasks.compression.quantize import activation_stats
 
     prompts = context.calibration_prompts[: step.samples]
     if not prompts:
         raise StageFailed("compress", "sensitivity.samples: data.calibration has no prompts to score")
     tokenizer = AutoTokenizer.from_pretrained(current)
     model = AutoModelForCausalLM.from_pretrained(current, dtype="float32").eval()
-    scheme = QuantScheme(bits=step.bits, granularity=step.granularity, group_size=step.group_size)
+    try:
+        scheme = probe_scheme(step, context.next_quantize)
+    except ValueError as exc:  # e.g. "mode: dynamic quantizes activations to int8 and needs bits 8"
+        raise StageFailed("compress", f"sensitivity.{exc}") from exc
     baseline = perplexity(model, tokenizer, prompts)
+    names = linear_names(model)
+    ranges = None
+    if scheme.mode == "static":  # measured once on the float model, as the quantize step does
+        ranges = {s.name: (s.min, s.max) for s in activation_stats(model, tokenizer, names, prompts)}
     results = []
-    for pattern, members in units(linear_names(model), step.unit).items():
-        originals = quantize_linears(model, members, scheme)
+    for pattern, members in units(names, step.unit).items():
+        member_ranges = None if ranges is None else {n: ranges[n] for n in members}
+        originals = quantize_linears(model, members, scheme, member_ranges)
         try:
             ppl = perplexity(model, tokenizer, prompts)
         finally:  # put the float layers back before the next unit is probed

@@ -1,0 +1,3 @@
+"""Monitoring: the request window, drift detectors, feedback and calibration, automatic responses,
+alerting.
+"""
