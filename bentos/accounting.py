@@ -13,7 +13,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,8 @@ class RequestRecord:
     itemised: bool = False
     # Run once when the request ends however it ends (KV-cache reservations): see RequestAccounting.
     cleanups: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    # The server's receive (the body already read): a stream waits on it for an early disconnect.
+    client_receive: Callable[[], Awaitable[dict[str, Any]]] | None = field(default=None, repr=False)
     written: bool = field(default=False, repr=False)
 
     def clean_up(self) -> None:
@@ -491,6 +493,7 @@ class RequestAccounting:
             return
         # A context variable, not a `ctx: bentoml.Context` parameter: with ctx, BentoML overwrites the
         # status code of a returned Response with ctx.response.status_code (200), losing our 422s.
+        record.client_receive = receive
         token = _CURRENT_RECORD.set(record)
         held: dict[str, Any] = {}  # response start of an unclaimed error, held to rewrite its body
         body = bytearray()

@@ -64,6 +64,7 @@ from lockgate.bentos.protocol import (
 )
 from lockgate.bentos.response_cache import CachedAnswer, build_cache, cache_key
 from lockgate.bentos.service_info import SERVICE_TITLE, lockgate_version, service_description
+from lockgate.bentos.stream_start import ClientGone, client_gone_response, first_chunk
 from lockgate.bentos.websocket import build_app as build_websocket_app
 
 if TYPE_CHECKING:
@@ -361,7 +362,10 @@ class LLMService:
         stream = started
         chunks = iter(stream)
         try:
-            first = await asyncio.to_thread(next, chunks, None)
+            first = await first_chunk(chunks, stream.cancel, record.client_receive)
+        except ClientGone as gone:
+            record.fail(str(gone))
+            return client_gone_response()  # type: ignore[return-value]
         except BaseException as exc:
             stream.cancel()
             if isinstance(exc, Exception):

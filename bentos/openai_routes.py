@@ -34,6 +34,7 @@ from lockgate.bentos.accounting import (
 )
 from lockgate.bentos.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from lockgate.bentos.protocol import GenerateInput, Prepared, Refusal
+from lockgate.bentos.stream_start import ClientGone, client_gone_response, first_chunk
 
 if TYPE_CHECKING:
     from lockgate.bentos.accounting import Accounting
@@ -350,7 +351,10 @@ async def _stream(
         return error_response(started, record)
     chunks = iter(started)
     try:
-        first = await asyncio.to_thread(next, chunks, None)
+        first = await first_chunk(chunks, started.cancel, record.client_receive)
+    except ClientGone as gone:
+        record.fail(str(gone))
+        return client_gone_response()
     except Exception as exc:
         started.cancel()
         return error_response(failure(record, exc), record)

@@ -51,7 +51,9 @@ def tracking(lockgate_home: Path) -> str:
     return configure_tracking("lockgate-tests", get_settings())
 
 
-def build_tiny_model(folder: Path, seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
+def build_tiny_model(
+    folder: Path, seed: int = 0, heads: int = 4, kv_heads: int = 2, context: int = 256
+) -> Path:
     """A random-weight Llama + a real BPE tokenizer: enough for serving and registry tests.
     (vLLM's CPU attention needs a head size of 32 or more: ``heads=2, kv_heads=1`` gives 32.)"""
     import torch
@@ -80,7 +82,7 @@ def build_tiny_model(folder: Path, seed: int = 0, heads: int = 4, kv_heads: int 
         num_hidden_layers=2,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

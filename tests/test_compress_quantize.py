@@ -226,6 +226,28 @@ def test_torchao_and_quanto_backends_still_load_through_the_runtime(
     assert weights_size_bytes(outcome.folder) < 0.7 * weights_size_bytes(tiny_llm_dir)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_groups_run_on_torchs_int4_cpu_kernel(symmetric: bool) -> None:
+    """Groups of 32 take torch's int4 CPU kernel (bfloat16 input and scales, float32 accumulation):
+    the same codes as the dequantized float path within bfloat16's error; groups of 16 (no kernel)
+    and rows not divisible by 16 stay on the float path."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=True)
+    scheme = QuantScheme(bits=4, symmetric=symmetric, granularity="group", group_size=32)
+    layer = QuantLinear.from_float(linear, scheme)
+    assert layer.uses_int4_kernel
+    x = torch.randn(2, 5, 96)
+    reference = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    y = layer(x)
+    assert y.shape == reference.shape and y.dtype == torch.float32
+    relative = float((y - reference).abs().max() / reference.abs().max())
+    assert 0 < relative < 0.02, relative  # bfloat16 rounding, not a different weight
+    assert not QuantLinear.from_float(
+        linear, QuantScheme(bits=4, granularity="group", group_size=16)
+    ).uses_int4_kernel
+    assert not QuantLinear.from_float(torch.nn.Linear(96, 40), scheme).uses_int4_kernel
+
+
 def test_torchao_int4_on_cpu_is_refused_with_the_fix(tiny_llm_dir: Path, tmp_path: Path) -> None:
     step = QuantizeStep(backend="torchao", bits=4, granularity="group", ignore=ONLY_HEAD)
     with pytest.raises(StageFailed, match="int4 is CUDA-only; use backend torch"):

@@ -76,14 +76,19 @@ def test_serving_python_takes_the_serving_environment_when_vllm_may_run(serve_ve
     assert http_registry.executable == str(python)
 
 
-def test_serving_python_stays_here_for_transformers_and_sql_registries(serve_venv: Path) -> None:
-    _python_in(serve_venv)
+def test_serving_python_for_transformers_and_sqlite_registries(serve_venv: Path) -> None:
+    python = _python_in(serve_venv)
     transformers = ServiceConfig.model_validate({"engine": "transformers"})
     chosen = serving.serving_python(transformers, ModelUri.folder(Path("/m")), "sqlite:///x.db")
     assert chosen.executable == sys.executable and chosen.reason == "package.engine: transformers"
-    # mlflow-skinny in the serving environment has no SQL store: a SQLite registry is read from here.
-    sql = serving.serving_python(ServiceConfig(), ModelUri.parse("models:/m/3"), "sqlite:////tmp/x.db")
-    assert sql.executable == sys.executable and "MLflow server" in sql.reason and "sqlite:" in sql.reason
+    registry = ModelUri.parse("models:/m/3")
+    # auto keeps the laptop set-up (a SQLite registry) on this python, and says how to ask for vLLM.
+    auto = serving.serving_python(ServiceConfig(), registry, "sqlite:////tmp/x.db")
+    assert auto.executable == sys.executable and "package.engine: vllm serves it" in auto.reason
+    # Asked explicitly, vLLM serves it: the serving environment reads a SQLite registry itself
+    # (tests/vllm_engine/test_vllm_registry.py reads one there).
+    vllm = ServiceConfig.model_validate({"engine": "vllm"})
+    assert serving.serving_python(vllm, registry, "sqlite:////tmp/x.db").executable == str(python)
 
 
 def test_release_summary_names_each_services_engine_and_why() -> None:

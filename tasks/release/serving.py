@@ -73,8 +73,11 @@ def serving_python(config: ServiceConfig, model_uri: ModelUri, tracking_uri: str
     ``engine`` may use vLLM (``vllm`` or ``auto``) and .venv-serve exists, else this one (which has no
     vLLM: the service then runs transformers, or refuses ``engine: vllm`` naming the field).
 
-    The serving environment has ``mlflow-skinny`` (no SQL store): it reads a registry only through an
-    MLflow server, so a registry URI over a SQLite store stays on this interpreter."""
+    The serving environment reads every registry (``mlflow-skinny`` with SQLAlchemy: a SQLite store or
+    an MLflow server). ``auto`` still keeps a service that follows a local SQLite registry on this
+    interpreter: that is the laptop set-up of ``make run`` and the tests, where vLLM's start (minutes
+    on 2 cores, for each of the release's services) would cost more than it serves; ``engine: vllm``
+    asks for vLLM there explicitly."""
     here = sys.executable
     if config.engine == "transformers":
         return ServingPython(here, "package.engine: transformers")
@@ -86,11 +89,11 @@ def serving_python(config: ServiceConfig, model_uri: ModelUri, tracking_uri: str
             f"package.engine: {config.engine}, but {SERVE_VENV} is missing or unfinished (make serve-env)"
         )
         return ServingPython(here, missing)
-    if model_uri.is_registry and not tracking_uri.startswith(("http://", "https://")):
+    if config.engine == "auto" and model_uri.is_registry and tracking_uri.startswith("sqlite:"):
         return ServingPython(
             here,
-            f"package.engine: {config.engine}, but the serving environment reads the registry only through "
-            f"an MLflow server and the tracking URI is {tracking_uri.split(':', 1)[0]}:",
+            "package.engine: auto keeps a service following a local SQLite registry on this python "
+            "(vLLM's start costs minutes on a laptop); package.engine: vllm serves it with vLLM",
         )
     return ServingPython(str(python), f"package.engine: {config.engine}; the serving environment has vLLM")
 
