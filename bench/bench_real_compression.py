@@ -272,7 +272,7 @@ def render(
             "the model `bentos.runtime.load_model` returns for the saved folder. Each round times the "
             f"parent then the candidate back to back; {args.rounds} rounds; × = candidate tokens/s / parent "
             "tokens/s of the same round, median and (min-max) over the rounds.",
-            f"- Quality: texts ppl = every token of the first {args.texts or 'all'} paragraphs of "
+            f"- Quality: texts ppl = every token of {f'the first {args.texts}' if args.texts else 'all'} paragraphs of "
             "data/smollm2/texts.jsonl (24 in all); answer ppl, "
             "accuracy, flips, top-1 agreement and KL = the smollm2 pipeline's `evaluate` "
             f"(`tasks.evaluate.evaluate_pair`; rows scored: {rows_per_task}), 95 % bootstrap intervals of "
