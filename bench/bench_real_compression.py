@@ -255,6 +255,7 @@ def render(
             f"| {ev.distance.flip_pct:.1f} | {ev.distance.top1_agreement:.3f} | {ev.distance.kl_mean:.4f} "
             f"| {'pass' if not failed else 'FAIL: ' + ', '.join(failed)} |"
         )
+    paragraphs = f"the first {args.texts}" if args.texts else "all"
     rows_per_task = ", ".join(f"{t.name} {t.rows}" for t in _first_eval(rows).tasks.values()) if names else ""
     return "\n".join(
         [
@@ -272,7 +273,7 @@ def render(
             "the model `bentos.runtime.load_model` returns for the saved folder. Each round times the "
             f"parent then the candidate back to back; {args.rounds} rounds; × = candidate tokens/s / parent "
             "tokens/s of the same round, median and (min-max) over the rounds.",
-            f"- Quality: texts ppl = every token of {f'the first {args.texts}' if args.texts else 'all'} paragraphs of "
+            f"- Quality: texts ppl = every token of {paragraphs} paragraphs of "
             "data/smollm2/texts.jsonl (24 in all); answer ppl, "
             "accuracy, flips, top-1 agreement and KL = the smollm2 pipeline's `evaluate` "
             f"(`tasks.evaluate.evaluate_pair`; rows scored: {rows_per_task}), 95 % bootstrap intervals of "
