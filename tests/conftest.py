@@ -93,6 +93,23 @@ def build_tiny_model(
     return folder
 
 
+def quantize_folder(source: Path, target: Path, scheme: object, skip: tuple[str, ...] = ("lm_head",)) -> Path:
+    """``source`` with every Linear but ``skip`` quantized by ``scheme`` (a ``QuantScheme``), saved in
+    lockgate's format through bentos/quantized.py only (the serving environment has no tasks/)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lockgate.bentos.quantized import QuantScheme, quantize_linears, save_quantized
+
+    assert isinstance(scheme, QuantScheme)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="float32").eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip]
+    quantize_linears(model, names, scheme)
+    save_quantized(model, target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llm"))

@@ -237,7 +237,11 @@ def _prefect_artifacts(flow_run_id: str) -> dict[str, dict[str, str]]:
     environment: in this process a session fixture may have pointed Prefect at its test harness."""
     done = subprocess.run(
         [sys.executable, "-c", _READ_ARTIFACTS, flow_run_id],
-        env=os.environ.copy(), capture_output=True, text=True, timeout=300, check=False,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -312,6 +312,23 @@ def export_k8s(
     typer.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
 
 
+@export_app.command("compressed-tensors")
+def export_compressed_tensors(
+    folder: Annotated[Path, typer.Argument(help="A lockgate quantized folder (a compress candidate's).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write (replaced if it exists).")],
+) -> None:
+    """Write a lockgate INT8/INT4 candidate as a compressed-tensors checkpoint, the format vLLM
+    (`vllm serve OUT`) and transformers load: the same integer codes and scales, not requantized."""
+    from lockgate.bentos.compressed_export import ExportError, export
+
+    try:
+        written = export(folder, out)
+    except (ExportError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(str(written))
+
+
 def analysis_server(
     pipeline: Annotated[str | None, typer.Argument(help="Pipeline whose canary analysis to apply.")] = None,
     file: SpecFile = Path("pipelines.yaml"),

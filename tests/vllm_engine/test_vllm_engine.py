@@ -50,7 +50,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_engine_choice_explains_what_vllm_cannot_serve(tiny_llm_dir: Path, tiny_dir: Path) -> None:
-    from lockgate.bentos.vllm_engine import unavailable_reason
+    from lockgate.bentos.vllm_fit import unavailable_reason
 
     assert unavailable_reason(tiny_dir) is None
     assert "head size 16" in unavailable_reason(tiny_llm_dir)
