@@ -6,6 +6,7 @@ temporary local API, BentoML serves on free loopback ports.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def tracking(lockgate_home: Path) -> str:
 
     export_environment()
     return configure_tracking("lockgate-tests", get_settings())
+
+
+#: The vLLM tests run only in the serving environment (.venv-serve: make test-vllm, or the end of
+#: make test); elsewhere they are skipped with the command to run them.
+IN_SERVING_ENV = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not importable here: run with .venv-serve/bin/python -m pytest (make test-vllm)",
+)
 
 
 def build_tiny_model(

@@ -13,22 +13,14 @@ reason. One engine serves the module: start-up takes minutes on 2 shared CPU cor
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model
+from conftest import IN_SERVING_ENV, build_tiny_model
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="vLLM is not importable here: run with .venv-serve/bin/python -m pytest (make test-vllm)",
-    ),
-]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, IN_SERVING_ENV]
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,15 @@ reads a registry only through an MLflow server).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model
+from conftest import IN_SERVING_ENV, build_tiny_model
 from lockgate.bentos.config import ModelUri, ServiceConfig, ServiceEnv
 from lockgate.bentos.protocol import GenerateRequest, PhaseTimings
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="vLLM is not importable here: run with .venv-serve/bin/python -m pytest (make test-vllm)",
-    ),
-]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, IN_SERVING_ENV]
 
 CONFIG = ServiceConfig.model_validate(
     {

@@ -4,7 +4,6 @@ compressed-tensors checkpoint (bentos/compressed_export.py) and vLLM loads it wi
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,18 +11,11 @@ import httpx
 import pytest
 from test_service import Server, serve
 
-from conftest import build_tiny_model, quantize_folder
+from conftest import IN_SERVING_ENV, build_tiny_model, quantize_folder
 from lockgate.bentos.config import ServiceConfig
 from lockgate.bentos.quantized import QuantScheme
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="vLLM is not importable here: run with .venv-serve/bin/python -m pytest (make test-vllm)",
-    ),
-]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, IN_SERVING_ENV]
 
 READY_TIMEOUT_S = 900.0
 

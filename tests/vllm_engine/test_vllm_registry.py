@@ -6,21 +6,14 @@ writes it, and read back through the service's own resolver."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model
+from conftest import IN_SERVING_ENV, build_tiny_model
 from lockgate.bentos.model_resolver import pin_version, resolve_model_dir
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="not the serving environment: run with .venv-serve/bin/python -m pytest (make test-vllm)",
-    ),
-]
+pytestmark = [pytest.mark.vllm, IN_SERVING_ENV]
 
 
 def test_the_serving_environment_follows_a_sqlite_registry_alias(

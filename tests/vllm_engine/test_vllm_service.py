@@ -8,7 +8,6 @@ naming the field, says in /capacity which engine runs and why, and exposes vLLM'
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator
 
@@ -17,18 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import Server, serve
 
-from conftest import build_tiny_model
+from conftest import IN_SERVING_ENV, build_tiny_model
 from lockgate.bentos.config import ServiceConfig
 from lockgate.bentos.request_log import RequestLog
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="vLLM is not importable here: run with .venv-serve/bin/python -m pytest (make test-vllm)",
-    ),
-]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, IN_SERVING_ENV]
 
 # Long streams (a 1024-token context) so that a client leaving early leaves mid-generation.
 MAX_NEW_TOKENS = 800
