@@ -1,0 +1,152 @@
+"""SmolLM2-135M-Instruct served by vLLM: the float parent vs lockgate's INT8 and INT4 candidates exported as
+compressed-tensors (``bentos/compressed_export.py``), decode speed at batch 1 and at 8 concurrent requests.
+
+Runs in the serving environment (vLLM). The candidates are made here with lockgate's own quantizer
+(``bentos.quantized``: round-to-nearest, the same codes the compress stage writes), exported, and each
+variant is measured in its own process (vLLM's CPU engine core busy-polls a core: two engines at once
+would measure each other). Passes alternate the variants (A B C D, A B C D, ...) so that the machine's
+drift hits every variant alike; the table gives the median and the min-max over the passes.
+
+    .venv-serve/bin/python bench/bench_vllm_quantized.py                 # ~6 min on 2 cores
+    .venv-serve/bin/python bench/bench_vllm_quantized.py --passes 2 --tokens 64
+
+Variants: ``parent-fp32`` (the checkpoint's dtype, what lockgate's service asks vLLM for),
+``parent-bf16``, ``int8-w8a8`` (lockgate ``mode: dynamic`` per-token; the three outlier down_proj layers
+of SmolLM2 and lm_head in float: the README's recipe) and ``int4-w4a16`` (group 32, every Linear but
+lm_head; exported in bfloat16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
+
+PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+OUTLIERS = tuple(f"model.layers.{i}.mlp.down_proj" for i in (11, 28, 29))
+
+
+def _parent() -> Path:
+    """The SmolLM2 safetensors folder converted from the GGUF source (`make run PIPELINE=smollm2`)."""
+    cache = REPO / ".lockgate" / "cache" / "gguf"
+    folders = sorted(p for p in cache.glob("*") if (p / "config.json").is_file()) if cache.is_dir() else []
+    if not folders:
+        raise SystemExit(f"no converted SmolLM2 under {cache}: run `make run PIPELINE=smollm2` once")
+    return folders[0]
+
+
+def prepare(workdir: Path) -> dict[str, tuple[Path, str | None]]:
+    """(folder, dtype for vLLM) of every variant; the candidates quantized and exported once."""
+    from conftest import quantize_folder
+    from lockgate.bentos.compressed_export import export
+    from lockgate.bentos.quantized import QuantScheme
+
+    parent = _parent()
+    int8 = quantize_folder(parent, workdir / "int8", QuantScheme(mode="dynamic"), ("lm_head", *OUTLIERS))
+    int4 = quantize_folder(parent, workdir / "int4", QuantScheme(bits=4, granularity="group", group_size=32))
+    return {
+        "parent-fp32": (parent, "float32"),
+        "parent-bf16": (parent, "bfloat16"),
+        "int8-w8a8": (export(int8, workdir / "int8-ct"), None),
+        "int4-w4a16": (export(int4, workdir / "int4-ct"), None),
+    }
+
+
+def measure(folder: str, dtype: str | None, tokens: int) -> dict[str, float]:
+    """One variant in this process: batch-1 decode tokens/s and 8-concurrent output tokens/s."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = {"dtype": dtype} if dtype else {}
+    llm = LLM(model=folder, max_model_len=1024, enforce_eager=True, max_num_seqs=8, **kwargs)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))  # warm-up
+    started = time.perf_counter()
+    out = llm.generate([PROMPT], params)
+    single = len(out[0].outputs[0].token_ids) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    outs = llm.generate([PROMPT] * 8, params)
+    batch = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started)
+    return {"decode_tok_s": single, "batch8_tok_s": batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "vllm-quantized-cpu.md")
+    parser.add_argument("--measure", nargs=3, metavar=("FOLDER", "DTYPE", "TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:  # child process: one variant
+        folder, dtype, tokens = args.measure
+        print(
+            "RESULT " + json.dumps(measure(folder, None if dtype == "-" else dtype, int(tokens))), flush=True
+        )
+        return
+    from machine_info import cpu_model
+
+    load_before = os.getloadavg()
+    started = time.time()
+    results: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-q-") as tmp:
+        variants = prepare(Path(tmp))
+        for n in range(args.passes):
+            for name, (folder, dtype) in variants.items():
+                command = [sys.executable, __file__, "--measure", str(folder), dtype or "-", str(args.tokens)]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+                if done.returncode or not lines:
+                    raise SystemExit(f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}")
+                results.setdefault(name, []).append(json.loads(lines[-1].removeprefix("RESULT ")))
+                print(f"pass {n + 1} {name}: {results[name][-1]}", flush=True)
+        sizes = {
+            name: sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+            for name, (folder, _) in variants.items()
+        }
+    base = results["parent-fp32"]
+
+    def cell(name: str, key: str) -> str:
+        values = [r[key] for r in results[name]]
+        ratios = [r[key] / b[key] for r, b in zip(results[name], base, strict=True)]
+        return (
+            f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f}) "
+            f"| {statistics.median(ratios):.2f}× ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+
+    lines = [
+        "# SmolLM2-135M-Instruct on vLLM (CPU): float parent vs lockgate INT8 / INT4 as compressed-tensors",
+        "",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores; vLLM CPU build (.venv-serve); shared machine",
+        f"- Load average at start: {' / '.join(f'{x:.2f}' for x in load_before)}; "
+        f"at end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - started:.0f} s; "
+        f"{args.passes} passes alternating the variants, each variant in its own process",
+        f"- Decode: one chat prompt, {args.tokens} greedy tokens (ignore_eos) at batch 1; batch 8: the same "
+        "prompt 8 times at once, output tokens/s. × = ratio to parent-fp32 of the same pass.",
+        "",
+        "| variant | weights MB | decode tok/s, median (min-max) | decode × parent-fp32 "
+        "| batch-8 tok/s | batch-8 × |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in results:
+        decode, batch = cell(name, "decode_tok_s"), cell(name, "batch8_tok_s")
+        lines.append(f"| {name} | {sizes[name] / 1e6:.0f} | {decode} | {batch} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
