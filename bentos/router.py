@@ -30,7 +30,10 @@ A stream fails over only before its first byte; one that breaks later is logged 
 
 The OpenAI API: ``/v1/chat/completions`` and ``/v1/completions`` are routed like ``/generate``;
 ``GET /v1/models`` lists the served versions (Production, and the candidate while it has a share),
-each as its own service describes itself, with the role and version this router routes it as.
+each as its own service describes itself, with the role and version this router routes it as. A
+request whose ``model`` pins a served version (``NAME:VERSION``, as the list gives it) goes to that
+version whatever its user's bucket (the service then gets the plain name: the router resolved the pin;
+failed over, Production answers it like any canary request).
 
 Failover: a request the candidate cannot answer (connection refused or dropped, timeout, 5xx, 429) is
 sent to stable within the same request; the row logged for it records the candidate's own failed
@@ -283,7 +286,12 @@ class Router:
         started = time.perf_counter()
         rollout = self.rollout
         key = _routing_key(body, headers)
-        role, sticky = choose_role(key, rollout.share if rollout.routing else 0.0, self._weights)
+        pinned = _pinned_version(path, body)
+        if pinned is not None and pinned in (rollout.stable, rollout.candidate):
+            # `model: NAME:VERSION` (as GET /v1/models lists it) asks for that version, not for a share.
+            role, sticky = ("stable" if pinned == rollout.stable else "canary"), False
+        else:
+            role, sticky = choose_role(key, rollout.share if rollout.routing else 0.0, self._weights)
         version = rollout.candidate if role == "canary" else rollout.stable
         url = self.backends.url(version)
         if role == "canary" and url is None:  # candidate not (yet) served here: stable answers
@@ -291,6 +299,8 @@ class Router:
         if url is None or version is None:
             return self._not_serving(path)
         forward = _forwarded_headers(headers)
+        if pinned is not None and pinned == version:
+            body = _unpinned(body)  # chosen here: the service gets its plain name
         attempt = await self._call(url, path, body, forward)
         final, answered_version, answered_role = attempt, version, role
         failover = False
@@ -469,6 +479,28 @@ def _routing_key(body: bytes, headers: Mapping[str, str]) -> str | None:
             if isinstance(user, str | int) and str(user):
                 return str(user)
     return headers.get(SESSION_HEADER) or None
+
+
+def _openai_model(path: str, body: bytes) -> str | None:
+    if not path.startswith("/v1/") or not body:
+        return None
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        parsed = json.loads(body)
+        model = parsed.get("model") if isinstance(parsed, dict) else None
+        return model if isinstance(model, str) else None
+    return None
+
+
+def _pinned_version(path: str, body: bytes) -> str | None:
+    """The version an OpenAI request pins with ``model: NAME:VERSION``, else None (the share decides)."""
+    model = _openai_model(path, body)
+    return model.rsplit(":", 1)[1] if model is not None and ":" in model else None
+
+
+def _unpinned(body: bytes) -> bytes:
+    parsed = json.loads(body)
+    parsed["model"] = str(parsed["model"]).rsplit(":", 1)[0]
+    return json.dumps(parsed).encode()
 
 
 # ------------------------------------------------------------------------------------------ app

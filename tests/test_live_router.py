@@ -284,3 +284,35 @@ def test_openai_sdk_through_the_router(live_services: dict, tiny_llm_dir: Path, 
     assert sdk_stream.role == "canary" and sdk_stream.output_tokens == chunks[-1].usage.completion_tokens
     assert wire_stream.output_tokens is None, "no usage chunk asked for: the router does not guess"
     assert all(row.ttft_ms is not None and row.empty is False for row in (sdk_stream, wire_stream))
+
+
+def test_a_request_pinning_a_version_by_model_name_gets_that_version(
+    live_services: dict, tiny_llm_dir: Path, tmp_path: Path
+) -> None:
+    """``model: NAME:VERSION`` (as /v1/models names each version) is answered by that version whatever
+    the user's bucket; an unknown version is refused by the service naming ``model``."""
+    name, _ = live_model(tiny_llm_dir)
+    backends = {"1": live_services["stable"], "2": live_services["candidate"]}
+    with routers(name, backends, tmp_path / "live", replicas=1) as [router]:
+        _set_share(name, "2", 10)
+        wait_for(lambda: _followed([router], 10), 5, "router at 10%")
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        stable_user = next(f"user-{i}" for i in range(100) if bucket(f"user-{i}") >= 10)
+        canary_user = next(f"user-{i}" for i in range(100) if bucket(f"user-{i}") < 10)
+        for user, pinned, role in ((stable_user, "2", "canary"), (canary_user, "1", "stable")):
+            raw = client.chat.completions.with_raw_response.create(
+                model=f"{model}:{pinned}",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=2,
+                user=user,
+            )
+            assert (raw.headers["x-lockgate-role"], raw.headers["x-lockgate-version"]) == (role, pinned), user
+            assert raw.parse().choices[0].message.content is not None
+        with pytest.raises(openai.NotFoundError, match="model"):
+            client.chat.completions.create(
+                model=f"{model}:9",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=2,
+                user=stable_user,
+            )
