@@ -67,7 +67,16 @@ def measure(folder: str, dtype: str | None, tokens: int) -> dict[str, float]:
     from vllm import LLM, SamplingParams
 
     kwargs = {"dtype": dtype} if dtype else {}
-    llm = LLM(model=folder, max_model_len=1024, enforce_eager=True, max_num_seqs=8, **kwargs)
+    # An explicit KV size: vLLM CPU otherwise reserves 92 % of the machine's memory and refuses to start when
+    # less is free (a shared machine).
+    llm = LLM(
+        model=folder,
+        max_model_len=1024,
+        enforce_eager=True,
+        max_num_seqs=8,
+        kv_cache_memory_bytes=1 << 29,
+        **kwargs,
+    )
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))  # warm-up
     started = time.perf_counter()
