@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, write_report  # noqa: E402
 
 from lockgate.flows.spec import SensitivityStep  # noqa: E402
 from lockgate.flows.spec_loader import load_spec  # noqa: E402
@@ -127,10 +127,7 @@ def main() -> None:
         "|---|---|---|---|---|",
         *(f"| {u} | {n} | {w:.0f} | {w / n:.2f} | {k} |" for u, n, w, k in step_rows),
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

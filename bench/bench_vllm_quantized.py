@@ -103,7 +103,7 @@ def main() -> None:
             "RESULT " + json.dumps(measure(folder, None if dtype == "-" else dtype, int(tokens))), flush=True
         )
         return
-    from machine_info import cpu_model
+    from machine_info import cpu_model, write_report
 
     load_before = os.getloadavg()
     started = time.time()
@@ -151,10 +151,7 @@ def main() -> None:
     for name in results:
         decode, batch = cell(name, "decode_tok_s"), cell(name, "batch8_tok_s")
         lines.append(f"| {name} | {sizes[name] / 1e6:.0f} | {decode} | {batch} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

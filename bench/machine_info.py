@@ -15,3 +15,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_report(out: Path, lines: list[str]) -> None:
+    """Write a benchmark's markdown result (creating its folder) and echo it with where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}")
