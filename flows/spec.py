@@ -158,11 +158,20 @@ class SchemedQuantGrid(QuantGrid):
     scheme: Literal["symmetric", "asymmetric"] = Field(
         "symmetric", description="symmetric: grid over [-a, a]; asymmetric: [min, max] with a zero point."
     )
+    zero_point: Literal["integer", "float"] = Field(
+        "integer",
+        description="Asymmetric grids: integer (a code; 0.0 exact; what compressed-tensors, GPTQ and "
+        "vLLM store) or float (kept as float16, the grid is each group's exact [min, max] like "
+        "llama.cpp's Q4_1: requantizing a Q4_1 GGUF model at group 32 reproduces its weights; not "
+        "exportable to compressed-tensors).",
+    )
 
     @model_validator(mode="after")
     def _packable(self) -> SchemedQuantGrid:
         if self.bits == 4 and self.group_size % 2:
             raise ValueError(f"group_size: 4-bit codes are packed two per byte, {self.group_size} is odd")
+        if self.zero_point == "float" and self.scheme != "asymmetric":
+            raise ValueError("zero_point: float needs scheme: asymmetric (a symmetric grid has none)")
         return self
 
 

@@ -80,6 +80,16 @@ def test_static_activations_are_refused_naming_the_layer(tiny_llm_dir: Path, tmp
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_float_zero_points_are_refused_naming_the_layer(tiny_llm_dir: Path, tmp_path: Path) -> None:
+    scheme = QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32, float_zero=True)
+    ours = quantize_folder(tiny_llm_dir, tmp_path / "float-zero", scheme)
+    reason = unsupported_reason(ours)
+    assert reason is not None and "zero_point float" in reason and "model.layers." in reason
+    with pytest.raises(ExportError, match=r"model\.layers\.\d+\.\w+\.\w+_proj: zero_point float"):
+        export(ours, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_cached_reuses_one_export_per_folder_content(tiny_llm_dir: Path, tmp_path: Path) -> None:
     ours = quantize_folder(tiny_llm_dir, tmp_path / "lockgate", SCHEMES["int4-sym-g32"])
     first = export_cached(ours, tmp_path / "cache")

@@ -54,7 +54,9 @@ def _group_grid(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
     """(scale [rows], zero [rows] or None) of round-to-nearest on the columns ``w`` [rows, cols]."""
     from lockgate.bentos.quantized import quantize_weight
 
-    one_group = type(scheme)(bits=scheme.bits, symmetric=scheme.symmetric, granularity="per_channel")
+    one_group = type(scheme)(
+        bits=scheme.bits, symmetric=scheme.symmetric, granularity="per_channel", float_zero=scheme.float_zero
+    )
     _, scale, zero = quantize_weight(w, one_group)
     return scale[:, 0], None if zero is None else zero[:, 0].float()
 
@@ -65,6 +67,8 @@ def gptq_quantize(
     """(codes int8 [out, in], scale [out, groups], zero int8 [out, groups] or None) as
     ``bentos.quantized.quantize_weight`` returns them, with GPTQ's error compensation."""
     import torch
+
+    from lockgate.bentos.quantized import zero_dtype
 
     if scheme.granularity == "per_tensor":
         raise ValueError("method: gptq needs granularity per_channel or group")
@@ -105,9 +109,12 @@ def gptq_quantize(
                 if zeros is not None:
                     zeros[column // group] = zero
             x = block[i]
-            q = torch.round(x / scale)
-            if zeros is not None:
-                q += zero
+            if scheme.float_zero:
+                q = torch.round(x / scale + zero)  # a float offset: round after adding it
+            else:
+                q = torch.round(x / scale)
+                if zeros is not None:
+                    q += zero
             q.clamp_(qmin, qmax)
             codes[column] = q
             if zeros is not None:
@@ -121,7 +128,7 @@ def gptq_quantize(
         if end < cols:
             w[end:].addmm_(h_inv[start:end, end:].T, errors, alpha=-1.0)
     codes_out = codes.T.contiguous().to(torch.int8)
-    zero_out = None if zeros is None else zeros.T.contiguous().to(torch.int8)
+    zero_out = None if zeros is None else zeros.T.contiguous().to(zero_dtype(scheme))
     return codes_out, scales.T.contiguous(), zero_out
 
 

@@ -131,7 +131,13 @@ def apply(current: Path, out: Path, step: QatStep, context: StepContext) -> Step
     names, kept = split_layers(linear_names(model), step.ignore, step.targets)
     if not names:
         raise StageFailed("compress", f"qat.ignore {list(step.ignore)} leaves no Linear layer to quantize")
-    scheme = QuantScheme(step.bits, step.scheme == "symmetric", step.granularity, step.group_size)
+    scheme = QuantScheme(
+        step.bits,
+        step.scheme == "symmetric",
+        step.granularity,
+        step.group_size,
+        float_zero=step.zero_point == "float",
+    )
     eval_batch = encode_pairs(tokenizer, pairs[:_EVAL_ROWS])
     model.eval()
     with torch.no_grad():

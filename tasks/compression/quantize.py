@@ -30,7 +30,6 @@ from lockgate.tasks.platform.errors import StageFailed
 from lockgate.tasks.platform.log import get_logger
 
 if TYPE_CHECKING:
-
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -100,6 +99,7 @@ def scheme_of(step: QuantizeStep) -> QuantScheme:
         group_size=step.group_size,
         mode=step.mode,
         activations=step.activations,
+        float_zero=step.zero_point == "float",
     )
 
 
@@ -110,7 +110,7 @@ def weight_error(weight: torch.Tensor, scheme: QuantScheme) -> tuple[float, floa
     q, scale, zero = quantize_weight(weight, scheme)
     w = weight.detach().float()
     error = (w - dequantize_weight(q, scale, zero)).abs()
-    half_step = rounding_bound(scale)
+    half_step = rounding_bound(scale, zero)
     rows, groups = scale.shape
     per_weight = (error.reshape(rows, groups, -1) / half_step[..., None]).amax()
     return float(error.max()), float(half_step.max()), float(per_weight)
@@ -238,7 +238,7 @@ def gptq_in_place(
         linear = model.get_submodule(name)
         module = gptq_linear(linear, grams.pop(name), scheme)
         error = (linear.weight.detach().float() - module.dequantized_weight()).abs()
-        half_step = rounding_bound(module.scale)
+        half_step = rounding_bound(module.scale, module.zero_point)
         rows, groups = module.scale.shape
         ratio = float((error.reshape(rows, groups, -1) / half_step[..., None]).amax())
         errors.append(LayerError(name, float(error.max()), float(half_step.max()), ratio))

@@ -130,6 +130,7 @@ def probe_scheme(step: SensitivityStep, following: QuantizeStep | None) -> Quant
         group_size=pick("group_size", 32),
         mode=pick("mode", "weight_only"),
         activations=pick("activations", "per_token"),
+        float_zero=following is not None and following.zero_point == "float",
     )
 
 
