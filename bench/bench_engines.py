@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -138,6 +139,14 @@ class Server:
     ready_s: float = 0.0
 
 
+#: The service limits of both lockgate arms. `vllm serve` gets the same scheduler knobs lockgate's vLLM
+#: engine derives from them (max_model_len = max_prompt_chars + max_new_tokens, as bentos/model_host.py
+#: sizes it; max_num_seqs = batching.max_batch_size), so the two vLLM arms differ only by what lockgate
+#: adds in front of the engine.
+LIMITS = {"max_new_tokens": 64, "max_prompt_chars": 2048, "concurrency": 64, "timeout_s": 600}
+MAX_NUM_SEQS = 16
+
+
 def start_vllm_serve(model_dir: Path, kv_mb: int, max_model_len: int, workdir: Path) -> Server:
     port = _free_port()
     log = workdir / f"vllm-serve-{port}.log"
@@ -147,6 +156,7 @@ def start_vllm_serve(model_dir: Path, kv_mb: int, max_model_len: int, workdir: P
         "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
         "--dtype", _checkpoint_dtype(model_dir), "--max-model-len", str(max_model_len),
         "--kv-cache-memory-bytes", str(kv_mb * 1_000_000), "--enforce-eager", "--disable-log-stats",
+        "--max-num-seqs", str(MAX_NUM_SEQS),
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -164,8 +174,8 @@ def start_lockgate(arm: str, model_dir: Path, kv_mb: int, workdir: Path) -> Serv
     config = ServiceConfig.model_validate(
         {
             "engine": "vllm" if arm == "lockgate-vllm" else "transformers",
-            "batching": {"engine": "continuous", "max_batch_size": 16},
-            "limits": {"max_new_tokens": 64, "max_prompt_chars": 2048, "concurrency": 64, "timeout_s": 600},
+            "batching": {"engine": "continuous", "max_batch_size": MAX_NUM_SEQS},
+            "limits": LIMITS,
             # the free-memory default was OOM-killed at 16 clients (notes)
             "capacity": {"kv_cache_budget_mb": kv_mb, "max_queue": 256},
             "warmup_requests": 2,
@@ -205,6 +215,21 @@ def wait_ready(server: Server, started: float) -> None:
                 return
         time.sleep(0.5)
     raise RuntimeError(f"{server.arm} not ready after {READY_TIMEOUT_S} s: see {server.log}")
+
+
+def pause_others(servers: list[Server], measured: Server) -> None:
+    """SIGSTOP every server but the measured one (whole process groups: API process, engine core,
+    workers). vLLM's CPU engine core busy-polls a core even when idle, so a resident but unmeasured
+    vLLM server would take one of the machine's two cores from the arm being measured."""
+    for server in servers:
+        if server is not measured:
+            os.killpg(server.process.pid, signal.SIGSTOP)
+
+
+def resume_all(servers: list[Server]) -> None:
+    for server in servers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGCONT)
 
 
 def stop(server: Server) -> None:
@@ -334,7 +359,7 @@ def run_model(
     levels = [int(x) for x in args.levels.split(",")]
     prompts = [list(workload.requests(tokenizer, c)) for c in range(max(levels))]
     positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", 2048)
-    max_model_len = min(int(positions), 256)
+    max_model_len = min(int(positions), LIMITS["max_prompt_chars"] + LIMITS["max_new_tokens"])
     servers: list[Server] = []
     started = time.monotonic()
     for arm in arms:
@@ -352,7 +377,12 @@ def run_model(
                 order = servers if repeat % 2 == 0 else servers[::-1]  # interleave, alternate who goes first
                 for stream in (False, True):
                     for server in order:
-                        w = asyncio.run(run_window(server, name, prompts, clients, args.duration, stream))
+                        if args.pause_idle:
+                            pause_others(servers, server)
+                        try:
+                            w = asyncio.run(run_window(server, name, prompts, clients, args.duration, stream))
+                        finally:
+                            resume_all(servers)
                         windows.append(w)
                         print(
                             f"[{name}] {server.arm:22s} c={clients:3d} {'stream' if stream else 'unary'}"
@@ -505,6 +535,12 @@ def main() -> None:
     parser.add_argument("--models", default="demo,smollm2", help="demo and/or smollm2")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--smollm2-dir", type=Path, default=DEFAULT_SMOLLM2)
+    parser.add_argument(
+        "--no-pause-idle",
+        dest="pause_idle",
+        action="store_false",
+        help="keep unmeasured servers running during a window (default: SIGSTOP them)",
+    )
     parser.add_argument("--kv-mb", type=int, default=1024, help="KV-cache budget of every arm (MB)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".lockgate" / "bench-engines")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "engines-cpu.md")
