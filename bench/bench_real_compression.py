@@ -7,7 +7,9 @@ service loads a candidate folder (``bentos.runtime.load_model``). Variants:
 - ``int8-pipeline``: the smollm2 pipeline's own INT8 recipe (read from pipelines.yaml);
 - ``int8-dynamic``: the README's recommendation for SmolLM2 (per-token dynamic INT8, the three outlier
   down_proj layers in float);
-- ``int4-rtn`` / ``int4-gptq``: INT4 weight-only, group 32, every Linear but lm_head.
+- ``int4-rtn`` / ``int4-gptq``: INT4 weight-only, group 32, every Linear but lm_head;
+- ``int4-rtn-asym`` / ``int4-float-zero``: the same with an asymmetric grid, its zero point an integer
+  code or a float (``zero_point: float``, the grid of the Q4_1 GGUF file the parent was converted from).
 
 Measured per candidate:
 
@@ -66,6 +68,9 @@ def variants(pipeline_int8: QuantizeStep) -> dict[str, QuantizeStep]:
         "int8-dynamic": QuantizeStep(bits=8, mode="dynamic", ignore=("lm_head", *OUTLIERS)),
         "int4-rtn": QuantizeStep(**INT4_G32, method="rtn"),
         "int4-gptq": QuantizeStep(**INT4_G32, method="gptq"),
+        "int4-rtn-asym": QuantizeStep(**INT4_G32, scheme="asymmetric"),
+        # The Q4_1 grid of the GGUF file SmolLM2 comes from (group 32, float minimum per group).
+        "int4-float-zero": QuantizeStep(**INT4_G32, scheme="asymmetric", zero_point="float"),
     }
 
 

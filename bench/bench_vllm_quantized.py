@@ -10,6 +10,9 @@ drift hits every variant alike; the table gives the median and the min-max over 
     .venv-serve/bin/python bench/bench_vllm_quantized.py                 # ~6 min on 2 cores
     .venv-serve/bin/python bench/bench_vllm_quantized.py --passes 2 --tokens 64
 
+Each variant's perplexity of data/smollm2/texts.jsonl is scored by vLLM itself (``prompt_logprobs``):
+the quality of what vLLM serves, its own kernels and activation rounding included.
+
 Variants: ``parent-fp32`` (the checkpoint's dtype, what lockgate's service asks vLLM for),
 ``parent-bf16``, ``int8-w8a8`` (lockgate ``mode: dynamic`` per-token; the three outlier down_proj layers
 of SmolLM2 and lm_head in float: the README's recipe) and ``int4-w4a16`` (group 32, every Linear but
@@ -33,6 +36,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
 PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+TEXTS = REPO / "data" / "smollm2" / "texts.jsonl"
 OUTLIERS = tuple(f"model.layers.{i}.mlp.down_proj" for i in (11, 28, 29))
 
 
@@ -85,7 +89,28 @@ def measure(folder: str, dtype: str | None, tokens: int) -> dict[str, float]:
     started = time.perf_counter()
     outs = llm.generate([PROMPT] * 8, params)
     batch = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started)
-    return {"decode_tok_s": single, "batch8_tok_s": batch}
+    return {"decode_tok_s": single, "batch8_tok_s": batch, "texts_ppl": texts_perplexity(llm)}
+
+
+def texts_perplexity(llm) -> float:  # vllm.LLM: vLLM is imported in the child process only
+    """exp(mean next-token NLL) of every token of data/smollm2/texts.jsonl as vLLM computes it
+    (``prompt_logprobs``), token ids from the same tokenizer call as lockgate's
+    ``tasks.compression.sensitivity.perplexity``, so the two numbers score the same tokens."""
+    import math
+
+    from vllm import SamplingParams, TokensPrompt
+
+    tokenizer = llm.get_tokenizer()
+    texts = [json.loads(line)["text"] for line in TEXTS.open()]
+    prompts = [TokensPrompt(prompt_token_ids=tokenizer(text)["input_ids"]) for text in texts]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    nll, count = 0.0, 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = prompt["prompt_token_ids"]
+        for position in range(1, len(ids)):
+            nll -= out.prompt_logprobs[position][ids[position]].logprob
+            count += 1
+    return math.exp(nll / count)
 
 
 def main() -> None:
@@ -144,13 +169,21 @@ def main() -> None:
         f"- Decode: one chat prompt, {args.tokens} greedy tokens (ignore_eos) at batch 1; batch 8: the same "
         "prompt 8 times at once, output tokens/s. × = ratio to parent-fp32 of the same pass.",
         "",
+        "- Texts perplexity: every token of data/smollm2/texts.jsonl scored by vLLM (`prompt_logprobs`) "
+        "in the same process; Δ vs parent-fp32 scored by vLLM the same way (deterministic: pass 1's value).",
+        "",
         "| variant | weights MB | decode tok/s, median (min-max) | decode × parent-fp32 "
-        "| batch-8 tok/s | batch-8 × |",
-        "|---|---|---|---|---|---|",
+        "| batch-8 tok/s | batch-8 × | texts ppl (vLLM) | Δ ppl % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    base_ppl = base[0]["texts_ppl"]
     for name in results:
         decode, batch = cell(name, "decode_tok_s"), cell(name, "batch8_tok_s")
-        lines.append(f"| {name} | {sizes[name] / 1e6:.0f} | {decode} | {batch} |")
+        ppl = results[name][0]["texts_ppl"]
+        lines.append(
+            f"| {name} | {sizes[name] / 1e6:.0f} | {decode} | {batch} | {ppl:.3f} "
+            f"| {100 * (ppl / base_ppl - 1):+.2f} |"
+        )
     write_report(args.out, lines)
 
 

