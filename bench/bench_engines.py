@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -218,22 +220,39 @@ def wait_ready(server: Server, started: float) -> None:
     raise RuntimeError(f"{server.arm} not ready after {READY_TIMEOUT_S} s: see {server.log}")
 
 
+def _tree(server: Server) -> list[psutil.Process]:
+    """The server's process and every descendant: BentoML's workers run in sessions of their own and
+    vLLM's engine core is a child of the API process, so a process group does not cover them."""
+    root = psutil.Process(server.process.pid)
+    return [root, *root.children(recursive=True)]
+
+
 def pause_others(servers: list[Server], measured: Server) -> None:
-    """SIGSTOP every server but the measured one (whole process groups: API process, engine core,
-    workers). vLLM's CPU engine core busy-polls a core even when idle, so a resident but unmeasured
-    vLLM server would take one of the machine's two cores from the arm being measured."""
+    """SIGSTOP every process of every server but the measured one. vLLM's CPU engine core busy-polls
+    a core even when idle, so a resident but unmeasured vLLM server would take one of the machine's
+    two cores from the arm being measured."""
     for server in servers:
         if server is not measured:
-            os.killpg(server.process.pid, signal.SIGSTOP)
+            for process in _tree(server):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGSTOP)
 
 
 def resume_all(servers: list[Server]) -> None:
     for server in servers:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.process.pid, signal.SIGCONT)
+        if server.process.poll() is not None:
+            continue
+        for process in _tree(server):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
 
 
 def stop(server: Server) -> None:
+    try:
+        tree = _tree(server)
+    except psutil.NoSuchProcess:
+        tree = []
+    resume_all([server])  # a stopped process would hold SIGTERM until continued
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.process.pid, 15)
     try:
@@ -241,6 +260,9 @@ def stop(server: Server) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.process.pid, 9)
         server.process.wait()
+    for process in tree[1:]:  # workers in sessions of their own that outlived their parent
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def lockgate_vllm_skip_reason() -> str | None:
