@@ -104,6 +104,57 @@ def test_each_teacher_signal_alone_teaches_a_narrow_student(
     _finite_logits(outcome.folder)
 
 
+def test_teacher_cache_gives_a_rows_logits_in_any_batch(context: StepContext) -> None:
+    """A row cached from one batch is the same soft label (to float16) in another batch of other
+    lengths: right padding keeps each row's logits its own."""
+    from lockgate.tasks.compression.training import collate, encode_pairs, pad_id_of
+
+    teacher = _load(context.parent)
+    tokenizer = AutoTokenizer.from_pretrained(context.parent)
+    rows, pad = encode_pairs(tokenizer, PAIRS[:12]), pad_id_of(tokenizer)
+    step = DistillStep()
+    cache = distill.TeacherCache(1 << 30)
+    first, second = [0, 1, 2, 3], [4, 5, 6, 7]
+    cache.outputs(teacher, collate([rows[i] for i in first], pad), first, step)
+    cache.outputs(teacher, collate([rows[i] for i in second], pad), second, step)
+    mixed = [6, 0, 3, 5]  # another composition, another padded width
+    batch = collate([rows[i] for i in mixed], pad)
+    cached = cache.outputs(teacher, batch, mixed, step).logits
+    with torch.no_grad():
+        fresh = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["attention_mask"].bool()
+    assert cached.dtype == torch.float16
+    assert torch.allclose(cached[mask].float(), fresh[mask], rtol=2e-3, atol=2e-3)
+    assert cache.report()["row_hits"] == 4 and cache.report()["rows_cached"] == 8
+    assert distill.TeacherCache(0).outputs(teacher, batch, mixed, step).logits.dtype == torch.float32
+
+
+def test_batches_are_grouped_by_length_within_one_epoch() -> None:
+    from lockgate.tasks.compression.training import Encoded, endless_index_batches
+
+    lengths = [3 + (7 * i) % 40 for i in range(64)]
+    rows = [Encoded(tuple(range(n)), 0) for n in lengths]
+    batches = endless_index_batches(rows, batch_size=8, seed=0)
+    epoch = [next(batches) for _ in range(8)]
+    assert sorted(i for batch in epoch for i in batch) == list(range(64))  # every row once
+    padded = sum(8 * max(lengths[i] for i in batch) for batch in epoch)
+    assert padded < 1.15 * sum(lengths)  # sorted within the epoch (random batches: ~1.7x)
+    assert all(len(set(batch)) == 8 for batch in epoch)
+    few = endless_index_batches(rows[:5], batch_size=8, seed=0)  # fewer rows than a batch
+    assert all(sorted(set(next(few))) == list(range(5)) for _ in range(3))
+
+
+def test_distill_reuses_cached_teacher_logits_in_later_epochs(context: StepContext, tmp_path: Path) -> None:
+    step = DistillStep(steps=24, batch_size=16, lr=3e-3)  # 192 rows: two epochs
+    outcome = distill.apply(context.parent, tmp_path / "student", step, context)
+    cache = outcome.report["teacher_cache"]
+    rows = outcome.report["rows"]["labelled"] + outcome.report["rows"]["unlabelled"]
+    assert cache["rows_cached"] == rows and cache["row_hits"] > 0
+    assert cache["row_hits"] == cache["row_misses"] == 12 * 16  # the second epoch from the cache
+    assert outcome.metrics["loss_after"] < outcome.metrics["loss_before"]
+    assert outcome.report["padding_share"] < 0.2
+
+
 def test_distill_refuses_a_student_folder_that_does_not_exist(context: StepContext, tmp_path: Path) -> None:
     step = DistillStep(student=str(tmp_path / "missing"), steps=1)
     with pytest.raises(StageFailed, match=r"distill\.student"):
