@@ -227,9 +227,10 @@ def _tree(server: Server) -> list[psutil.Process]:
 
 
 def pause_others(servers: list[Server], measured: Server) -> None:
-    """SIGSTOP every process of every server but the measured one. vLLM's CPU engine core busy-polls
-    a core even when idle, so a resident but unmeasured vLLM server would take one of the machine's
-    two cores from the arm being measured."""
+    """SIGSTOP every process of every server but the measured one. A server whose window just ended
+    may still be generating the requests cut at its end (at 16 clients on SmolLM2 that is seconds of
+    work, longer than the settle pause), and vLLM's engine core busy-polls a core while it has work;
+    stopped, it cannot take CPU from the arm being measured (an idle vLLM server uses ~1 % of a core)."""
     for server in servers:
         if server is not measured:
             for process in _tree(server):
