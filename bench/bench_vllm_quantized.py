@@ -127,7 +127,9 @@ def main() -> None:
         print(
             "RESULT " + json.dumps(measure(folder, None if dtype == "-" else dtype, int(tokens))), flush=True
         )
-        return
+        # Skip the interpreter's teardown: with the engine core's threads still alive it aborts
+        # ("terminate called without an active exception", exit -6) after the result is out.
+        os._exit(0)
     from machine_info import cpu_model, write_report
 
     load_before = os.getloadavg()
