@@ -81,15 +81,19 @@ def measure(folder: str, dtype: str | None, tokens: int) -> dict[str, float]:
         kv_cache_memory_bytes=1 << 29,
         **kwargs,
     )
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))  # warm-up
-    started = time.perf_counter()
-    out = llm.generate([PROMPT], params)
-    single = len(out[0].outputs[0].token_ids) / (time.perf_counter() - started)
-    started = time.perf_counter()
-    outs = llm.generate([PROMPT] * 8, params)
-    batch = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started)
-    return {"decode_tok_s": single, "batch8_tok_s": batch, "texts_ppl": texts_perplexity(llm)}
+    try:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0))  # warm-up
+        started = time.perf_counter()
+        out = llm.generate([PROMPT], params)
+        single = len(out[0].outputs[0].token_ids) / (time.perf_counter() - started)
+        started = time.perf_counter()
+        outs = llm.generate([PROMPT] * 8, params)
+        batch = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started)
+        return {"decode_tok_s": single, "batch8_tok_s": batch, "texts_ppl": texts_perplexity(llm)}
+    finally:
+        # Stop the engine-core process: left running, it keeps this child's output pipes open.
+        llm.llm_engine.engine_core.shutdown()
 
 
 def texts_perplexity(llm) -> float:  # vllm.LLM: vLLM is imported in the child process only
@@ -127,8 +131,8 @@ def main() -> None:
         print(
             "RESULT " + json.dumps(measure(folder, None if dtype == "-" else dtype, int(tokens))), flush=True
         )
-        # Skip the interpreter's teardown: with the engine core's threads still alive it aborts
-        # ("terminate called without an active exception", exit -6) after the result is out.
+        # Skip the interpreter's teardown: vLLM's leftover threads abort it ("terminate called without
+        # an active exception", exit -6) after the result is out and the engine core has stopped.
         os._exit(0)
     from machine_info import cpu_model, write_report
 
