@@ -56,8 +56,11 @@ class CompressedModel:
 
 
 def run_step(kind: str, current: Path, out: Path, params: object, context: StepContext) -> StepOutcome:
-    """Run one step through its module in ``tasks.compression`` (imported lazily: torch is heavy)."""
-    module = importlib.import_module(f"tasks.compression.{kind}")
+    """Run one step through its module in ``lockgate.tasks.compression`` (imported lazily: torch is heavy).
+
+    Imported by its package name: ``tasks`` alone resolves only when the repository root is on sys.path
+    (pytest), not from the installed ``lockgate`` command."""
+    module = importlib.import_module(f"lockgate.tasks.compression.{kind}")
     return module.apply(current, out, params, context)
 
 

@@ -136,9 +136,11 @@ def prefect_harness() -> Iterator[None]:
 def run_cli(
     *args: str, timeout: float = 120, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """``lockgate ARGS`` in a subprocess (this interpreter), output captured, never raising on exit code."""
+    """``lockgate ARGS`` in a subprocess, output captured, never raising on exit code. The installed
+    console script, as `make run` calls it: ``python -m`` would put the working directory on sys.path
+    and hide imports that only resolve from the repository root."""
     return subprocess.run(
-        [sys.executable, "-m", "lockgate.flows.cli", *args],
+        [str(Path(sys.executable).with_name("lockgate")), *args],
         cwd=cwd,
         env=env if env is not None else os.environ.copy(),
         capture_output=True,
