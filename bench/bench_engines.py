@@ -143,8 +143,9 @@ class Server:
 
 #: The service limits of both lockgate arms. `vllm serve` gets the same scheduler knobs lockgate's vLLM
 #: engine derives from them (max_model_len = max_prompt_chars + max_new_tokens, as bentos/model_host.py
-#: sizes it; max_num_seqs = batching.max_batch_size), so the two vLLM arms differ only by what lockgate
-#: adds in front of the engine.
+#: sizes it; max_num_seqs = batching.max_batch_size; the CPU thread binding of
+#: bentos/vllm_engine.py ``cpu_thread_env``), so the two vLLM arms differ only by what lockgate adds in
+#: front of the engine.
 LIMITS = {"max_new_tokens": 64, "max_prompt_chars": 2048, "concurrency": 64, "timeout_s": 600}
 MAX_NUM_SEQS = 16
 
@@ -152,7 +153,10 @@ MAX_NUM_SEQS = 16
 def start_vllm_serve(model_dir: Path, kv_mb: int, max_model_len: int, workdir: Path) -> Server:
     port = _free_port()
     log = workdir / f"vllm-serve-{port}.log"
+    from lockgate.bentos.vllm_engine import cpu_thread_env
+
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_mb / 1024)))}
+    env.update(cpu_thread_env(None, len(os.sched_getaffinity(0))))
     command = [
         str(SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),

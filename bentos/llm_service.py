@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -64,7 +64,14 @@ from lockgate.bentos.protocol import (
 )
 from lockgate.bentos.response_cache import CachedAnswer, build_cache, cache_key
 from lockgate.bentos.service_info import SERVICE_TITLE, lockgate_version, service_description
-from lockgate.bentos.stream_start import ClientGone, client_gone_response, first_chunk
+from lockgate.bentos.stream_start import (
+    ClientGone,
+    client_gone_response,
+    first_chunk,
+    next_chunk,
+    size_stream_readers,
+    stream_chunks,
+)
 from lockgate.bentos.websocket import build_app as build_websocket_app
 
 if TYPE_CHECKING:
@@ -139,6 +146,7 @@ class LLMService:
         _enable_loggers()
         self.settings = ENV
         self.log_text = ENV.log_text
+        size_stream_readers(ENV.config.limits.concurrency)
         self.accounting = Accounting(ENV)
         _ = self.accounting.metrics  # register the metrics now, so /metrics lists them before traffic
         self.host = ModelHost(ENV, lambda: self.accounting.metrics)
@@ -360,7 +368,7 @@ class LLMService:
         if isinstance(started, Refusal):
             return refusal_response(started, record)  # type: ignore[return-value]
         stream = started
-        chunks = iter(stream)
+        chunks = stream_chunks(stream)
         try:
             first = await first_chunk(chunks, stream.cancel, record.client_receive)
         except ClientGone as gone:
@@ -377,13 +385,13 @@ class LLMService:
 
 
 async def _stream_body(
-    stream: TokenStream, chunks: Iterator[str], first: str | None, record: RequestRecord, log_text: bool
+    stream: TokenStream, chunks: AsyncIterator[str], first: str | None, record: RequestRecord, log_text: bool
 ) -> AsyncIterator[str]:
     try:
         chunk = first
         while chunk is not None:
             yield chunk
-            chunk = await asyncio.to_thread(next, chunks, None)
+            chunk = await next_chunk(chunks)
     except Exception as exc:
         logger.exception("stream %s failed after it started", record.request_id)
         record.fail(f"{type(exc).__name__}: {exc}")

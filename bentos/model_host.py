@@ -340,6 +340,8 @@ class ModelHost:
             kv_cache_bytes=budget.budget_bytes,
             max_model_len=min(budget.max_context_tokens, fits, positions),
             max_num_seqs=cfg.batching.max_batch_size,
+            enforce_eager=cfg.vllm.enforce_eager,
+            cpu_reserved_cores=cfg.vllm.cpu_reserved_cores,
             calibration_temperature=temperature,
         )
         engine = await VLLMEngine.start(engine_config)

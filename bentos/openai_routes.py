@@ -34,7 +34,13 @@ from lockgate.bentos.accounting import (
 )
 from lockgate.bentos.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from lockgate.bentos.protocol import GenerateInput, Prepared, Refusal
-from lockgate.bentos.stream_start import ClientGone, client_gone_response, first_chunk
+from lockgate.bentos.stream_start import (
+    ClientGone,
+    client_gone_response,
+    first_chunk,
+    next_chunk,
+    stream_chunks,
+)
 
 if TYPE_CHECKING:
     from lockgate.bentos.accounting import Accounting
@@ -349,7 +355,7 @@ async def _stream(
     started = await service.start_stream(record, _with_penalties(prepared, req))
     if isinstance(started, Refusal):
         return error_response(started, record)
-    chunks = iter(started)
+    chunks = stream_chunks(started)
     try:
         first = await first_chunk(chunks, started.cancel, record.client_receive)
     except ClientGone as gone:
@@ -367,7 +373,7 @@ async def _events(
     record: RequestRecord,
     req: OpenAIRequest,
     stream: TokenStream,
-    chunks: Any,
+    chunks: AsyncIterator[str],
     first: str | None,
 ) -> AsyncIterator[str]:
     """SSE: (chat: a role delta first) one chunk per text piece, one with the finish reason, the usage
@@ -388,7 +394,7 @@ async def _events(
         while piece is not None:
             if piece:
                 yield oai.sse(chunk(piece))
-            piece = await asyncio.to_thread(next, chunks, None)
+            piece = await next_chunk(chunks)
     finally:
         stream.cancel()
     gen = stream.generation

@@ -41,6 +41,7 @@ from lockgate.bentos.accounting import (
     refusal_body,
 )
 from lockgate.bentos.protocol import GenerateInput, Prepared, Refusal, validate_input
+from lockgate.bentos.stream_start import next_chunk, stream_chunks
 
 if TYPE_CHECKING:
     from lockgate.bentos.runtime import TokenStream
@@ -154,14 +155,14 @@ async def _pump(websocket: WebSocket, stream: TokenStream, record: RequestRecord
         stream.cancel()
 
     watcher = asyncio.create_task(watch(), name="lockgate-ws-watch")
-    chunks = iter(stream)
+    chunks = stream_chunks(stream)
     sent = 0
     try:
         start = {"type": "start", "request_id": record.request_id, "model_version": record.model_version}
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await websocket.send_json(start)
         while not gone.is_set():
-            chunk = await asyncio.to_thread(next, chunks, None)
+            chunk = await next_chunk(chunks)
             if chunk is None or gone.is_set():
                 break
             try:

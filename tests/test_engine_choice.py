@@ -140,3 +140,26 @@ def test_router_starts_its_services_with_the_python_lockgate_serve_chose(tmp_pat
     assert default.service_python == sys.executable
     chosen = RouterSettings(model="m", live_log_dir=tmp_path, service_python="/srv/.venv-serve/bin/python")
     assert RouterSettings.from_env(chosen.to_env()) == chosen
+
+
+def test_vllm_thread_binding_gives_a_small_host_every_core() -> None:
+    """vLLM's CPU build keeps one core from the model's threads; on 2 cores that halved the compute
+    (SmolLM2 at 16 clients: 1.5x the tokens/s with none reserved)."""
+    from lockgate.bentos.vllm_engine import cpu_thread_env
+
+    assert cpu_thread_env(None, 2, environ={}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_thread_env(None, 1, environ={}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_thread_env(None, 16, environ={}) == {}  # vLLM's own default on bigger hosts
+    assert cpu_thread_env(2, 16, environ={}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}
+    # An operator's variable wins over the spec and the default.
+    assert cpu_thread_env(1, 2, environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) == {}
+    with pytest.raises(ValueError, match=r"vllm\.cpu_reserved_cores: 2 leaves none of this host's 2 cores"):
+        cpu_thread_env(2, 2, environ={})
+
+
+def test_vllm_knobs_are_spec_fields_checked_by_name() -> None:
+    assert ServiceConfig().vllm.enforce_eager is True and ServiceConfig().vllm.cpu_reserved_cores is None
+    with pytest.raises(ValueError, match=r"vllm\.cpu_reserved_cores"):
+        ServiceConfig.model_validate({"vllm": {"cpu_reserved_cores": -1}})
+    with pytest.raises(ValueError, match=r"vllm\.max_threads"):
+        ServiceConfig.model_validate({"vllm": {"max_threads": 4}})

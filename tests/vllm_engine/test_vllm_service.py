@@ -8,6 +8,7 @@ naming the field, says in /capacity which engine runs and why, and exposes vLLM'
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -61,6 +62,8 @@ def test_capacity_says_vllm_runs_and_why(server: Server) -> None:
     assert plan["capacity_tokens"] == engine["capacity_tokens"] == blocks
     assert plan["max_context_tokens"] == engine["max_model_len"] <= engine["capacity_tokens"]
     assert engine["max_num_seqs"] == 8 and engine["prefix_caching"] is True
+    # Every core of a 2-core host runs the model's threads (vLLM would keep one for its API process).
+    assert engine["cpu_reserved_cores"] == ("0" if len(os.sched_getaffinity(0)) <= 2 else None)
     logs = server.stdout.read_text(errors="replace") + server.stderr.read_text(errors="replace")
     assert "engine for v7: vllm (package.engine: vllm; vLLM is installed and can load it)" in logs
 
