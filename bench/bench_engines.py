@@ -150,13 +150,16 @@ LIMITS = {"max_new_tokens": 64, "max_prompt_chars": 2048, "concurrency": 64, "ti
 MAX_NUM_SEQS = 16
 
 
-def start_vllm_serve(model_dir: Path, kv_mb: int, max_model_len: int, workdir: Path) -> Server:
+def start_vllm_serve(
+    model_dir: Path, kv_mb: int, max_model_len: int, workdir: Path, reserved_cores: int | None = None
+) -> Server:
+    """``vllm serve`` with lockgate's CPU thread binding (``reserved_cores`` None) or the one given."""
     port = _free_port()
     log = workdir / f"vllm-serve-{port}.log"
     from lockgate.bentos.vllm_engine import cpu_thread_env
 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_mb / 1024)))}
-    env.update(cpu_thread_env(None, len(os.sched_getaffinity(0))))
+    env.update(cpu_thread_env(reserved_cores, len(os.sched_getaffinity(0)), environ={}))
     command = [
         str(SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),

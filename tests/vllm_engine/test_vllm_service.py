@@ -172,4 +172,8 @@ def test_vllm_engine_metrics_are_on_metrics(server: Server) -> None:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     names = {family.name for family in text_string_to_metric_families(text)}
     assert {"llm_engine_requests_running", "llm_engine_kv_cache_usage_ratio"} <= names, sorted(names)
+    # vLLM's own series too, under the names vLLM's dashboards query.
+    assert {"vllm:num_requests_running", "vllm:generation_tokens", "vllm:kv_cache_usage_perc"} <= names, (
+        sorted(n for n in names if n.startswith("vllm:"))
+    )
     assert "llm_requests" in names or "llm_requests_total" in names
