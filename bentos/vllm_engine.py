@@ -113,9 +113,9 @@ def cpu_thread_env(reserved: int | None, cores: int, environ: dict[str, str] | N
     if "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
         return {}
     if reserved is None:
-        reserved = 0 if cores <= SMALL_HOST_CORES else None
-    if reserved is None:
-        return {}
+        if cores > SMALL_HOST_CORES:
+            return {}  # vLLM's own default
+        reserved = 0
     if reserved >= cores:
         raise ValueError(
             f"vllm.cpu_reserved_cores: {reserved} leaves none of this host's {cores} cores for the model"
